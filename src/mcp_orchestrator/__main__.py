@@ -1,0 +1,3 @@
+from mcp_orchestrator.cli import main
+
+raise SystemExit(main())

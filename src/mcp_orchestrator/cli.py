@@ -1,0 +1,179 @@
+"""Command line: parse flags, load config, run the server on stdio or streamable HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from mcp_orchestrator import __version__
+from mcp_orchestrator.config import Config, ConfigError, apply_overrides, load_config
+from mcp_orchestrator.logs import configure_logging
+from mcp_orchestrator.workers.registry import WorkerSpecError, kinds
+
+log = logging.getLogger("mcp_orchestrator")
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-orchestrator",
+        description="An MCP server that runs prompts through a production LLM pipeline "
+        "(RAG -> assemble -> inference -> post-process -> stream). Flags override the config file.",
+    )
+    parser.add_argument("--version", action="version", version=f"mcp-orchestrator {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (see README for every key)")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration (file plus flags), print the resolved settings as JSON and exit",
+    )
+    parser.add_argument("--worker", metavar="KIND", help=f"inference worker: {', '.join(kinds())} (default echo)")
+    parser.add_argument("--model", help="model name for the worker")
+    parser.add_argument("--delay-ms", type=int, metavar="MS", help="echo worker: simulated latency in ms")
+    parser.add_argument(
+        "--concurrency", type=int, metavar="N", help="requests the inference stage runs at once (default 64)"
+    )
+    parser.add_argument(
+        "--transport", choices=["stdio", "http"], help="stdio (default, for Claude Desktop/Code) or streamable HTTP"
+    )
+    parser.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="extra Host header value accepted over HTTP (repeatable); required when --host is not loopback",
+    )
+    parser.add_argument(
+        "--allowed-origin", action="append", metavar="ORIGIN", help="extra Origin accepted over HTTP (repeatable)"
+    )
+    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="also serve Prometheus /metrics on this port")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="stderr log level (default warning)"
+    )
+    parser.add_argument("--log-format", choices=["pretty", "json"], help="stderr log format (default pretty)")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """The file's settings with the flags on top, validated as one."""
+    config = load_config(args.config)
+    overrides: dict[str, Any] = {
+        "stages.inference.worker": args.worker,
+        "stages.inference.model": args.model,
+        "stages.inference.delay_ms": args.delay_ms,
+        "stages.inference.concurrency": args.concurrency,
+        "server.transport": args.transport,
+        "server.host": args.host,
+        "server.port": args.port,
+        "observability.metrics_port": args.metrics_port,
+        "observability.log_level": args.log_level,
+        "observability.log_format": args.log_format,
+    }
+    if args.allowed_host:
+        overrides["server.allowed_hosts"] = config.server.allowed_hosts + args.allowed_host
+    if args.allowed_origin:
+        overrides["server.allowed_origins"] = config.server.allowed_origins + args.allowed_origin
+    return apply_overrides(config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args)
+        # Imported late so that --help and config errors stay fast.
+        from mcp_orchestrator.app import Orchestrator, worker_from_config
+
+        worker_from_config(config)  # validates the worker section before anything starts
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mcp-orchestrator: {exc.source}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except WorkerSpecError as exc:
+        print(f"mcp-orchestrator: stages.inference: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check_config:
+        print(json.dumps(config.model_dump(mode="json"), indent=2))
+        return 0
+
+    configure_logging(config.observability.log_level, config.observability.log_format)
+    if config.server.transport == "http":
+        from mcp_orchestrator.http_app import BindError, security_settings
+
+        try:
+            security_settings(config.server.host, config.server.allowed_hosts, config.server.allowed_origins)
+        except BindError as exc:
+            print(f"mcp-orchestrator: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        anyio.run(serve, Orchestrator(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def serve(orchestrator: Any) -> None:
+    config: Config = orchestrator.config
+    async with orchestrator, anyio.create_task_group() as tg:
+        if config.observability.metrics_port is not None:
+            tg.start_soon(_serve_metrics, orchestrator, config.observability.metrics_port)
+        if config.server.transport == "stdio":
+            log.info("serving MCP over stdio with worker %s", orchestrator.pipeline.worker.describe())
+            await orchestrator.server.run_stdio_async()
+        else:
+            await _serve_http(orchestrator)
+        tg.cancel_scope.cancel()
+
+
+async def _serve_http(orchestrator: Any) -> None:
+    import uvicorn
+
+    from mcp_orchestrator.http_app import MCP_PATH, build_http_app
+
+    server_config = orchestrator.config.server
+    token = os.environ.get(server_config.auth_token_env) or None
+    app = build_http_app(
+        orchestrator, server_config.host, server_config.allowed_hosts, server_config.allowed_origins, token
+    )
+    uv_config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_config=None,
+        log_level=orchestrator.config.observability.log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    print(
+        f"mcp-orchestrator {__version__}: MCP at http://{server_config.host}:{server_config.port}{MCP_PATH} "
+        f"(also /healthz, /metrics){' with bearer token' if token else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    await uvicorn.Server(uv_config).serve()
+
+
+async def _serve_metrics(orchestrator: Any, port: int) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from mcp_orchestrator.http_app import PROMETHEUS_CONTENT_TYPE
+
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(orchestrator.pipeline.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    app = Starlette(routes=[Route("/metrics", metrics)])
+    host = orchestrator.config.server.host
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
+    await server.serve()

@@ -1,0 +1,44 @@
+"""Logging set-up: everything goes to stderr (stdout belongs to JSON-RPC in stdio mode)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+NOISY_LOGGERS = ("mcp", "httpx", "httpx2", "httpcore", "httpcore2", "uvicorn.access", "sse_starlette")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "warning", fmt: str = "pretty") -> None:
+    """Install one stderr handler on the root logger.
+
+    Done before the MCP SDK is imported into use: its own set-up calls
+    `logging.basicConfig`, which does nothing once the root logger has a handler.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    numeric = getattr(logging, level.upper())
+    root.setLevel(numeric)
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,184 @@
+"""Data shapes shared by the pipeline, the workers and the MCP surface.
+
+Depends on nothing but pydantic, so any layer may import it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Priority(StrEnum):
+    """Scheduling class of a request; higher classes are served first."""
+
+    critical = "critical"
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for critical ... 3 for low: smaller ranks are served first."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.critical: 0, Priority.high: 1, Priority.normal: 2, Priority.low: 3}
+
+
+class StageName(StrEnum):
+    rag = "rag"
+    assemble = "assemble"
+    inference = "inference"
+    post_process = "post_process"
+    stream = "stream"
+
+
+STAGE_ORDER: tuple[StageName, ...] = tuple(StageName)
+
+
+class Outcome(IntEnum):
+    """How a request ended; exactly one per submitted request."""
+
+    completed = 1
+    failed = 2
+    shed = 3
+    cancelled = 4
+
+
+class DeadLetterReason(StrEnum):
+    queue_full = "queue_full"
+    deadline_exceeded = "deadline_exceeded"
+    stage_timeout = "stage_timeout"
+    worker_error = "worker_error"
+    internal_error = "internal_error"
+
+
+class Message(BaseModel):
+    """One chat message as the workers receive it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: str
+    content: str
+
+
+class GenerationParams(BaseModel):
+    """Everything besides the messages that can change a backend's answer."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Usage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class StageTimings(BaseModel):
+    """Milliseconds spent in each stage (queueing before it included)."""
+
+    rag: float = 0.0
+    assemble: float = 0.0
+    inference: float = 0.0
+    post_process: float = 0.0
+    stream: float = 0.0
+
+
+class InferResult(BaseModel):
+    """The structured result of one `infer` call."""
+
+    request_id: str
+    text: str
+    worker: str
+    model: str
+    usage: Usage
+    finish_reason: str | None = None
+    latency_ms: float
+    stage_ms: StageTimings
+    coalesced: bool = False
+    cached: bool = False
+    attempts: int = Field(default=1, ge=0)
+
+
+class DeadLetter(BaseModel):
+    """A request that did not complete: shed by a full stage or failed for good."""
+
+    id: str
+    request_id: str
+    session_id: str | None
+    stage: StageName
+    reason: DeadLetterReason
+    error: str
+    prompt_preview: str
+    created_at: float
+
+
+class Submission(BaseModel):
+    """One `infer` call as the pipeline receives it; kept with dead letters for replay."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    session_id: str | None = None
+    priority: Priority = Priority.normal
+    system: str | None = None
+    params: GenerationParams = GenerationParams()
+    deadline_ms: int | None = None
+    dedup: bool = True
+    cache: bool = True
+
+
+class StageStatus(BaseModel):
+    name: StageName
+    depth: int
+    capacity: int
+    processed: int
+    shed: int
+    enabled: bool
+
+
+class Totals(BaseModel):
+    submitted: int
+    completed: int
+    failed: int
+    shed: int
+    cancelled: int
+    in_flight: int
+    coalesced: int
+    cache_hits: int
+    dead_letters: int
+
+
+class Percentiles(BaseModel):
+    p50: float
+    p95: float
+    p99: float
+
+
+class RateLimitStatus(BaseModel):
+    enabled: bool
+    requests_per_second: float
+    burst_capacity: int
+    tokens_available: float | None = None
+    waiting: int = 0
+    per_session_rps: float | None = None
+    per_session_burst: int | None = None
+
+
+class PipelineStatus(BaseModel):
+    stages: list[StageStatus]
+    totals: Totals
+    worker: dict[str, object]
+    rate_limit: RateLimitStatus
+    latency_ms: Percentiles
+    tokens: Usage
+    concurrency: dict[str, int]
+    uptime_s: float
+    reconciles: bool

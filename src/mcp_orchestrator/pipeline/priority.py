@@ -1,0 +1,63 @@
+"""A bounded priority queue for anyio tasks.
+
+Order: priority class first, then arrival. To keep Low from starving, a request's
+sort key is its arrival time plus `rank * aging_s`: a Low request that has waited
+three aging periods competes with a Critical one that just arrived. Within one
+class the order is strictly first come, first served.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from typing import Generic, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class PriorityQueue(Generic[T]):
+    def __init__(self, capacity: int, aging_s: float) -> None:
+        self.capacity = capacity
+        self.aging_s = aging_s
+        self._heap: list[tuple[float, int, T]] = []
+        self._tiebreak = itertools.count()
+        self._getters: deque[anyio.Event] = deque()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def put_nowait(self, item: T, rank: int, arrived_at: float) -> None:
+        """Queue `item`; raise QueueFull when at capacity (the caller sheds it)."""
+        if len(self._heap) >= self.capacity:
+            raise QueueFull
+        heapq.heappush(self._heap, (arrived_at + rank * self.aging_s, next(self._tiebreak), item))
+        if self._getters:
+            self._getters.popleft().set()
+
+    async def get(self) -> T:
+        while not self._heap:
+            wakeup = anyio.Event()
+            self._getters.append(wakeup)
+            try:
+                await wakeup.wait()
+            except BaseException:
+                # Cancelled: if we had been woken, hand the wake-up on so no item is stranded.
+                if wakeup.is_set():
+                    if self._getters:
+                        self._getters.popleft().set()
+                else:
+                    self._getters.remove(wakeup)
+                raise
+        return heapq.heappop(self._heap)[2]
+
+    def drain(self) -> list[T]:
+        items = [entry[2] for entry in self._heap]
+        self._heap.clear()
+        return items

@@ -1,0 +1,279 @@
+"""The MCP surface: tool definitions, argument validation, result shaping.
+
+Tools validate their arguments (pydantic constraints in the signatures plus the
+checks below), call the pipeline and shape its answers. Any failure the user can act
+on is raised as ToolError with a message that names the argument or the cause;
+other exceptions would reach the client only as a bare "Error executing tool".
+
+Deliberately no `from __future__ import annotations`: the SDK evaluates the tool
+signatures, whose constraints use values from the config.
+"""
+
+import logging
+from typing import TYPE_CHECKING, Annotated, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+from mcp_orchestrator import __version__
+from mcp_orchestrator.errors import OrchestratorError
+from mcp_orchestrator.models import (
+    DeadLetter,
+    DeadLetterReason,
+    GenerationParams,
+    InferResult,
+    PipelineStatus,
+    Priority,
+    Submission,
+)
+from mcp_orchestrator.workers.base import WorkerError
+from mcp_orchestrator.workers.registry import WorkerSpecError, build_worker, kinds
+
+if TYPE_CHECKING:
+    from mcp_orchestrator.app import Orchestrator
+
+log = logging.getLogger(__name__)
+
+INSTRUCTIONS = (
+    "Runs prompts through a production LLM pipeline (RAG -> assemble -> inference -> "
+    "post-process -> stream) with load shedding, deadlines and priorities. Use `infer` to "
+    "get an answer, `pipeline_status` to see load and health, `dead_letters` and "
+    "`replay_dead_letter` for requests that were shed or failed, `configure_worker` to "
+    "switch the model backend."
+)
+
+PROGRESS_BUFFER = 256
+PROGRESS_DRAIN_S = 5.0
+MAX_STOP_SEQUENCES = 16
+MAX_SESSION_ID = 256
+
+
+class DeadLetterList(BaseModel):
+    entries: list[DeadLetter]
+    total: int
+    """How many dead letters the queue holds now (before filtering)."""
+    capacity: int
+
+
+class WorkerDescription(BaseModel):
+    kind: str
+    model: str
+    previous: dict[str, Any]
+    settings: dict[str, Any]
+
+
+def _tool_error(exc: BaseException) -> ToolError:
+    return ToolError(str(exc))
+
+
+def _require_text(name: str, value: str | None) -> None:
+    if value is not None and not value.strip():
+        raise ToolError(f"{name}: must contain some non-whitespace text")
+
+
+def build_server(orchestrator: "Orchestrator") -> MCPServer:
+    config = orchestrator.config
+    max_prompt = config.pipeline.max_prompt_chars
+    max_deadline = config.pipeline.max_deadline_ms
+    server = MCPServer(
+        name="mcp-orchestrator",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        log_level=config.observability.log_level.upper(),  # type: ignore[arg-type]
+    )
+
+    @server.tool(
+        title="Run a prompt through the LLM pipeline",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True
+        ),
+    )
+    async def infer(
+        ctx: Context,
+        prompt: Annotated[str, Field(min_length=1, max_length=max_prompt, description="The user prompt.")],
+        session_id: Annotated[
+            str | None,
+            Field(
+                min_length=1,
+                max_length=MAX_SESSION_ID,
+                description="Groups requests for rate limits and replica affinity.",
+            ),
+        ] = None,
+        priority: Annotated[
+            Priority, Field(description="Scheduling class: critical, high, normal or low.")
+        ] = Priority.normal,
+        system: Annotated[str | None, Field(max_length=max_prompt, description="System prompt.")] = None,
+        max_tokens: Annotated[int | None, Field(ge=1, le=1_000_000, description="Cap on generated tokens.")] = None,
+        temperature: Annotated[float | None, Field(ge=0, le=2, description="Sampling temperature, 0 to 2.")] = None,
+        top_p: Annotated[float | None, Field(gt=0, le=1, description="Nucleus sampling, (0, 1].")] = None,
+        seed: Annotated[int | None, Field(ge=0, description="Sampling seed, for repeatable answers.")] = None,
+        stop: Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=256)]] | None,
+            Field(max_length=MAX_STOP_SEQUENCES, description="Stop sequences (at most 16)."),
+        ] = None,
+        deadline_ms: Annotated[
+            int | None,
+            Field(ge=1, le=max_deadline, description="Give up after this many milliseconds (default from config)."),
+        ] = None,
+        dedup: Annotated[bool, Field(description="Share the answer of an identical request in flight.")] = True,
+        cache: Annotated[bool, Field(description="Answer from (and store into) the result cache.")] = True,
+    ) -> Annotated[CallToolResult, InferResult]:
+        """Run a prompt through the pipeline on the configured worker and return the answer.
+
+        The text content is the answer; the structured result adds request id, worker,
+        model, token usage, latency per stage and the cached/coalesced flags. Chunks are
+        sent as progress notifications while they arrive.
+        """
+        _require_text("prompt", prompt)
+        submission = Submission(
+            prompt=prompt,
+            session_id=session_id,
+            priority=priority,
+            system=system,
+            params=GenerationParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop or ()), seed=seed
+            ),
+            deadline_ms=deadline_ms,
+            dedup=dedup,
+            cache=cache,
+        )
+        result = await _run_with_progress(orchestrator, submission, ctx)
+        return CallToolResult(
+            content=[TextContent(type="text", text=result.text)],
+            structured_content=result.model_dump(mode="json"),
+        )
+
+    @server.tool(
+        title="Pipeline status",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    async def pipeline_status() -> PipelineStatus:
+        """Live figures: queue depth and capacity per stage, totals (submitted, completed, failed,
+        shed, cancelled, in flight, coalesced, cache hits), the worker, rate limits, latency
+        percentiles and uptime."""
+        return orchestrator.status()
+
+    @server.tool(
+        title="List dead letters",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    async def dead_letters(
+        limit: Annotated[int, Field(ge=1, le=1000, description="At most this many entries, newest first.")] = 50,
+        reason: Annotated[
+            DeadLetterReason | None,
+            Field(
+                description="Only this reason: queue_full, deadline_exceeded, stage_timeout, worker_error, internal_error."
+            ),
+        ] = None,
+        session_id: Annotated[str | None, Field(min_length=1, max_length=MAX_SESSION_ID)] = None,
+    ) -> DeadLetterList:
+        """Requests that were shed by a full stage or failed, newest first."""
+        queue = orchestrator.pipeline.dead_letters
+        return DeadLetterList(
+            entries=queue.list(limit, reason=reason, session_id=session_id), total=len(queue), capacity=queue.capacity
+        )
+
+    @server.tool(
+        title="Replay a dead letter",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+        ),
+    )
+    async def replay_dead_letter(
+        ctx: Context,
+        id: Annotated[str, Field(min_length=1, max_length=64, description="A dead letter id such as dl-12.")],
+    ) -> Annotated[CallToolResult, InferResult]:
+        """Submit a dead letter's original request again and return its result."""
+        entry = orchestrator.pipeline.dead_letters.get(id)
+        if entry is None:
+            raise ToolError(f"id: no dead letter {id!r} (it may have been dropped; list them with dead_letters)")
+        result = await _run_with_progress(orchestrator, entry.submission, ctx)
+        return CallToolResult(
+            content=[TextContent(type="text", text=result.text)],
+            structured_content=result.model_dump(mode="json"),
+        )
+
+    @server.tool(
+        title="Configure the inference worker",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
+        ),
+    )
+    async def configure_worker(
+        kind: Annotated[str, Field(min_length=1, max_length=64, description=f"Worker kind: {', '.join(kinds())}.")],
+        model: Annotated[str | None, Field(min_length=1, max_length=256, description="Model name.")] = None,
+        delay_ms: Annotated[int | None, Field(ge=0, le=600_000, description="echo: simulated latency in ms.")] = None,
+        chunk_delay_ms: Annotated[
+            int | None, Field(ge=0, le=60_000, description="echo: delay between words in ms.")
+        ] = None,
+    ) -> WorkerDescription:
+        """Switch the inference backend atomically: requests in flight finish on the old worker,
+        new ones go to the new worker. The new worker is health-checked first; on any error
+        nothing changes."""
+        if not config.security.allow_configure:
+            raise ToolError("configure_worker is disabled by [security] allow_configure = false")
+        options = {"model": model, "delay_ms": delay_ms, "chunk_delay_ms": chunk_delay_ms}
+        try:
+            worker = build_worker(kind, options)
+        except WorkerSpecError as exc:
+            raise _tool_error(exc) from None
+        try:
+            previous = await orchestrator.pipeline.swap_worker(worker)
+        except (WorkerError, TimeoutError) as exc:
+            await worker.aclose()
+            raise ToolError(f"kind: the new {kind} worker failed its health check, old worker kept: {exc}") from None
+        log.info("worker swapped: %s -> %s", previous.describe(), worker.describe())
+        return WorkerDescription(
+            kind=worker.kind, model=worker.model, previous=previous.describe(), settings=worker.describe()
+        )
+
+    return server
+
+
+async def _run_with_progress(orchestrator: "Orchestrator", submission: Submission, ctx: Context) -> InferResult:
+    """Run `submission`, forwarding chunks as progress notifications.
+
+    Always forwarded: whether the caller asked for progress is known only to the
+    transport (report_progress is a no-op without a progress token).
+    """
+    send, receive = anyio.create_memory_object_stream[str](PROGRESS_BUFFER)
+
+    def on_chunk(text: str) -> None:
+        # Progress is best effort: a slow client loses chunks, never the answer.
+        try:
+            send.send_nowait(text)
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    outcome: InferResult | OrchestratorError
+    forwarded = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_forward_progress, receive, ctx, forwarded)
+        try:
+            outcome = await orchestrator.infer(submission, on_chunk)
+        except OrchestratorError as exc:
+            outcome = exc
+        finally:
+            send.close()
+        # Let the queued chunks reach the client before the result, but never wait forever.
+        with anyio.move_on_after(PROGRESS_DRAIN_S):
+            await forwarded.wait()
+        tg.cancel_scope.cancel()
+    if isinstance(outcome, OrchestratorError):
+        raise _tool_error(outcome)
+    return outcome
+
+
+async def _forward_progress(receive: MemoryObjectReceiveStream[str], ctx: Context, done: anyio.Event) -> None:
+    count = 0
+    try:
+        async with receive:
+            async for text in receive:
+                count += 1
+                await ctx.report_progress(count, None, text)
+    finally:
+        done.set()
