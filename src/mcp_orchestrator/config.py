@@ -60,16 +60,52 @@ class StreamSection(StageSection):
     timeout_ms: PositiveInt = 1000
 
 
+class HttpSection(_Section):
+    """The HTTP client all HTTP workers share: timeouts in seconds, connection limits."""
+
+    connect_timeout_s: PositiveFloat = 5
+    read_timeout_s: PositiveFloat = 60
+    """Longest silence between two pieces of an answer (so also the longest wait for the first token)."""
+    write_timeout_s: PositiveFloat = 10
+    pool_timeout_s: PositiveFloat = 5
+    """Longest wait for a free connection when all max_connections are busy."""
+    max_connections: PositiveInt = 100
+    max_keepalive_connections: Annotated[int, Field(ge=0)] = 20
+    keepalive_expiry_s: PositiveFloat = 30
+
+
 class InferenceSection(StageSection):
     channel_capacity: PositiveInt = 1024
     timeout_ms: PositiveInt = 30_000
     worker: str = "echo"
+    """echo, open_ai, anthropic, llama_cpp, vllm, pool or fallback."""
     model: str | None = None
     max_tokens: PositiveInt = 1024
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    seed: Annotated[int, Field(ge=0)] | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] | None = None
+    """max_tokens ... stop are the defaults under every worker's own settings; a call overrides both."""
+    system: str | None = None
+    """System prompt the worker adds when the call has none (HTTP workers)."""
     concurrency: PositiveInt = 64
     delay_ms: Annotated[int, Field(ge=0)] = 0
     """Echo worker only: simulated latency before the first chunk."""
+    base_url: str | None = None
+    """HTTP workers: where the backend is (default from OPENAI_BASE_URL, LLAMA_CPP_URL, VLLM_URL or the provider)."""
+    stream: bool | None = None
+    """HTTP workers: stream the answer over SSE (default true)."""
+    api_key_env: str | None = None
+    """HTTP workers: the environment variable holding the API key (default OPENAI_API_KEY, ANTHROPIC_API_KEY, ...)."""
+    strategy: Literal["round_robin", "least_loaded", "session_affinity"] | None = None
+    """pool only: how replicas are chosen (default round_robin)."""
+    virtual_nodes: PositiveInt | None = None
+    """pool only: points per replica on the session-affinity hash ring (default 64)."""
+    replicas: list[dict[str, Any]] | None = None
+    """pool only: [[stages.inference.replicas]] tables, each with a kind and that kind's options."""
+    members: list[dict[str, Any]] | None = None
+    """fallback only: [[stages.inference.members]] tables, tried in order."""
+    http: HttpSection = Field(default_factory=HttpSection)
 
     @model_validator(mode="after")
     def _inference_cannot_be_disabled(self) -> InferenceSection:
@@ -88,25 +124,63 @@ class StagesSection(_Section):
 
 class ResilienceSection(_Section):
     retry_attempts: Annotated[int, Field(ge=0, le=20)] = 3
+    """Retries after the first call, for retryable failures only."""
     retry_base_ms: PositiveInt = 100
     retry_max_ms: PositiveInt = 5000
+    """Retry n waits a random time in [0, min(retry_max_ms, retry_base_ms * 2**n)], at least Retry-After."""
+    attempt_timeout_ms: PositiveInt | None = None
+    """Cap on one backend call (to its last chunk); a call over it is a retryable failure. None: only the
+    inference stage's timeout_ms and the request's deadline bound it."""
     circuit_breaker_threshold: PositiveInt = 5
     circuit_breaker_timeout_s: PositiveFloat = 60
     circuit_breaker_success_rate: Annotated[float, Field(gt=0, le=1)] = 0.8
+    circuit_breaker_probes: Annotated[int, Field(ge=1, le=100)] = 5
+    """Calls a half-open breaker lets through to judge the backend (it closes when
+    circuit_breaker_success_rate of them succeed)."""
+
+    @model_validator(mode="after")
+    def _base_not_above_max(self) -> ResilienceSection:
+        if self.retry_base_ms > self.retry_max_ms:
+            raise ValueError(
+                f"retry_base_ms ({self.retry_base_ms}) must not be greater than retry_max_ms ({self.retry_max_ms})"
+            )
+        return self
+
+
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class RateLimitsSection(_Section):
+    """Token buckets in front of the pipeline; tokens are spent only on requests that will
+    call the backend (cache hits and coalesced followers are free)."""
+
     enabled: bool = False
-    requests_per_second: PositiveFloat = 100
+    requests_per_second: Rate = 100
     burst_capacity: PositiveInt = 20
-    per_session_rps: PositiveFloat | None = None
+    """Tokens a full bucket holds: at most requests_per_second * T + burst_capacity pass in any T seconds."""
+    per_session_rps: Rate | None = None
+    """Each session_id gets its own bucket at this rate (None: sessions share the global one only)."""
     per_session_burst: PositiveInt | None = None
+    """Burst of each session's bucket; defaults to burst_capacity."""
+    min_remaining_ms: Annotated[int, Field(ge=0)] = 100
+    """A waiting request is admitted only while this much of its deadline is left, so no token
+    is spent on a request that can no longer be answered (it is refused with retry_after_ms)."""
+
+    @model_validator(mode="after")
+    def _session_burst_needs_rate(self) -> RateLimitsSection:
+        if self.per_session_burst is not None and self.per_session_rps is None:
+            raise ValueError("per_session_burst needs per_session_rps (set both, or neither)")
+        return self
 
 
 class DeduplicationSection(_Section):
+    """Coalescing of identical requests in flight and the result cache (both off when enabled = false)."""
+
     enabled: bool = True
     window_s: PositiveFloat = 300
+    """How long a completed answer stays in the result cache."""
     max_entries: PositiveInt = 10_000
+    """Cache size; storing one more evicts the least recently used."""
 
 
 class ObservabilitySection(_Section):
@@ -132,8 +206,16 @@ class ServerSection(_Section):
     """Name of the environment variable holding the optional bearer token for HTTP mode."""
 
 
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1", "api.openai.com", "api.anthropic.com")
+
+
 class SecuritySection(_Section):
     allow_configure: bool = True
+    allowed_hosts: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS)
+    )
+    """Hosts configure_worker may point a worker's base_url at (exact names, or '*.example.com' for
+    subdomains). Replaces the default: loopback plus each provider's official API host."""
 
 
 class Config(_Section):

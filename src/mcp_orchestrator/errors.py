@@ -3,6 +3,8 @@ so each one says what happened, where, and what to do about it."""
 
 from __future__ import annotations
 
+import math
+
 
 class OrchestratorError(Exception):
     """Base of every error the pipeline reports to a caller."""
@@ -39,3 +41,27 @@ class StageTimeout(OrchestratorError):
 
 class WorkerFailed(OrchestratorError):
     """The backend did not produce an answer; the message comes from the worker."""
+
+
+class CircuitOpen(OrchestratorError):
+    """A circuit breaker refused the call without touching the backend."""
+
+    def __init__(self, backend: str, retry_after_s: float, *, probing: bool = False) -> None:
+        self.backend = backend
+        self.retry_after_s = retry_after_s
+        self.probing = probing
+        wait = max(1, math.ceil(retry_after_s))
+        state = "circuit half-open and its probes are still running" if probing else "circuit open"
+        super().__init__(f"backend {backend} unavailable, {state}, retry after {wait} s")
+
+
+class RateLimited(OrchestratorError):
+    """Admission control found no token for the request before its deadline."""
+
+    def __init__(self, scope: str, rate: float, burst: int, retry_after_ms: int) -> None:
+        self.scope = scope
+        self.retry_after_ms = retry_after_ms
+        super().__init__(
+            f"rate limited: the {scope} limit ({rate:g} requests/s, burst {burst}) has no token for this "
+            f"request before its deadline; retry_after_ms={retry_after_ms}"
+        )

@@ -6,6 +6,7 @@ Depends on nothing but pydantic, so any layer may import it.
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,6 +90,8 @@ class StageTimings(BaseModel):
     inference: float = 0.0
     post_process: float = 0.0
     stream: float = 0.0
+    admission: float = 0.0
+    """Time spent waiting for a rate-limit token (0 when none was needed)."""
 
 
 class InferResult(BaseModel):
@@ -105,6 +108,8 @@ class InferResult(BaseModel):
     coalesced: bool = False
     cached: bool = False
     attempts: int = Field(default=1, ge=0)
+    provenance: Provenance | None = None
+    """Which backend answered, after how many calls, and which hops failed on the way."""
 
 
 class DeadLetter(BaseModel):
@@ -154,6 +159,10 @@ class Totals(BaseModel):
     coalesced: int
     cache_hits: int
     dead_letters: int
+    backend_calls_saved: int = 0
+    """Requests answered without a backend call of their own (coalesced + cache hits)."""
+    rate_limited: int = 0
+    """Requests refused by admission control (counted in failed too)."""
 
 
 class Percentiles(BaseModel):
@@ -170,6 +179,8 @@ class RateLimitStatus(BaseModel):
     waiting: int = 0
     per_session_rps: float | None = None
     per_session_burst: int | None = None
+    sessions_tracked: int = 0
+    """Sessions holding a per-session bucket (idle ones are forgotten: a full bucket is as good as new)."""
 
 
 class PipelineStatus(BaseModel):
@@ -182,3 +193,51 @@ class PipelineStatus(BaseModel):
     concurrency: dict[str, int]
     uptime_s: float
     reconciles: bool
+    breakers: list[BreakerStatus] = Field(default_factory=list)
+    """One circuit breaker per backend (per replica inside a pool or fallback chain)."""
+
+
+BreakerStateName = Literal["closed", "open", "half_open"]
+
+
+class Hop(BaseModel):
+    """One backend call that did not give the answer (a retry or a fallback step)."""
+
+    worker: str
+    error: str
+    status: int | None = None
+    breaker: BreakerStateName
+    """The backend's breaker state right after this call."""
+
+
+class Provenance(BaseModel):
+    """Where an answer came from."""
+
+    worker: str
+    """The backend (breaker name) that produced the answer."""
+    attempts: int = Field(ge=0)
+    """Backend calls made for this request, failed ones included (fast-failed open breakers are not calls)."""
+    retries: int = Field(default=0, ge=0)
+    """Times the whole worker (pool or chain included) was called again after a retryable failure."""
+    fallbacks: list[Hop] = Field(default_factory=list)
+    """Every failed call or skipped backend, in order."""
+    breaker: BreakerStateName
+    """The answering backend's breaker state after the answer."""
+
+
+class BreakerStatus(BaseModel):
+    name: str
+    state: BreakerStateName
+    consecutive_failures: int
+    successes: int
+    failures: int
+    rejected: int
+    """Calls refused without touching the backend."""
+    times_opened: int
+    retry_after_s: float
+    """Seconds until an open breaker lets probes through (0 unless open)."""
+    probes_in_flight: int
+
+
+InferResult.model_rebuild()
+PipelineStatus.model_rebuild()

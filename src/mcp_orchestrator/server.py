@@ -10,7 +10,7 @@ signatures, whose constraints use values from the config.
 """
 
 import logging
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -125,8 +125,10 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
         """Run a prompt through the pipeline on the configured worker and return the answer.
 
         The text content is the answer; the structured result adds request id, worker,
-        model, token usage, latency per stage and the cached/coalesced flags. Chunks are
-        sent as progress notifications while they arrive.
+        model, token usage, latency per stage, the cached/coalesced flags and provenance
+        (the backend that answered, calls made, failed hops, its breaker state). Chunks are
+        sent as progress notifications while they arrive; once one has been sent, a broken
+        stream fails instead of being retried (a retry would repeat the text).
         """
         _require_text("prompt", prompt)
         submission = Submission(
@@ -154,7 +156,8 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
     async def pipeline_status() -> PipelineStatus:
         """Live figures: queue depth and capacity per stage, totals (submitted, completed, failed,
         shed, cancelled, in flight, coalesced, cache hits), the worker, rate limits, latency
-        percentiles and uptime."""
+        percentiles, uptime, and the circuit breaker of each backend (state, failures, calls
+        refused, seconds until it lets probes through)."""
         return orchestrator.status()
 
     @server.tool(
@@ -206,6 +209,50 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
     async def configure_worker(
         kind: Annotated[str, Field(min_length=1, max_length=64, description=f"Worker kind: {', '.join(kinds())}.")],
         model: Annotated[str | None, Field(min_length=1, max_length=256, description="Model name.")] = None,
+        base_url: Annotated[
+            str | None,
+            Field(
+                min_length=1,
+                max_length=2048,
+                description="HTTP workers: where the backend is, e.g. http://localhost:8080 (llama_cpp) or "
+                "https://api.openai.com/v1 (open_ai). Its host must be in [security] allowed_hosts.",
+            ),
+        ] = None,
+        max_tokens: Annotated[
+            int | None, Field(ge=1, le=1_000_000, description="Default cap on generated tokens (a call's own wins).")
+        ] = None,
+        temperature: Annotated[float | None, Field(ge=0, le=2, description="Default sampling temperature.")] = None,
+        top_p: Annotated[float | None, Field(gt=0, le=1, description="Default nucleus sampling, (0, 1].")] = None,
+        seed: Annotated[int | None, Field(ge=0, description="open_ai, llama_cpp, vllm: default seed.")] = None,
+        stop: Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=256)]] | None,
+            Field(max_length=MAX_STOP_SEQUENCES, description="Default stop sequences."),
+        ] = None,
+        system: Annotated[
+            str | None, Field(max_length=100_000, description="HTTP workers: system prompt when a call has none.")
+        ] = None,
+        stream: Annotated[bool | None, Field(description="HTTP workers: stream over SSE (default true).")] = None,
+        strategy: Annotated[
+            Literal["round_robin", "least_loaded", "session_affinity"] | None,
+            Field(description="pool: how replicas are chosen (default round_robin)."),
+        ] = None,
+        replicas: Annotated[
+            list[dict[str, Any]] | None,
+            Field(
+                min_length=1,
+                max_length=32,
+                description='pool: the replicas, each an object with "kind" and that kind\'s options, '
+                'e.g. {"kind": "llama_cpp", "base_url": "http://127.0.0.1:8081"}.',
+            ),
+        ] = None,
+        members: Annotated[
+            list[dict[str, Any]] | None,
+            Field(
+                min_length=1,
+                max_length=8,
+                description='fallback: the chain in order, each an object with "kind" and its options.',
+            ),
+        ] = None,
         delay_ms: Annotated[int | None, Field(ge=0, le=600_000, description="echo: simulated latency in ms.")] = None,
         chunk_delay_ms: Annotated[
             int | None, Field(ge=0, le=60_000, description="echo: delay between words in ms.")
@@ -213,12 +260,29 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
     ) -> WorkerDescription:
         """Switch the inference backend atomically: requests in flight finish on the old worker,
         new ones go to the new worker. The new worker is health-checked first; on any error
-        nothing changes."""
-        if not config.security.allow_configure:
+        nothing changes. Parameters given here are the worker's defaults: a call's own
+        max_tokens/temperature/... override them, and they override the config's.
+        API keys come from the server's environment only (never from this tool)."""
+        if not orchestrator.config.security.allow_configure:  # read per call: a config reload may change it
             raise ToolError("configure_worker is disabled by [security] allow_configure = false")
-        options = {"model": model, "delay_ms": delay_ms, "chunk_delay_ms": chunk_delay_ms}
+        options = {
+            "model": model,
+            "base_url": base_url,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "stop": stop,
+            "system": system,
+            "stream": stream,
+            "strategy": strategy,
+            "replicas": replicas,
+            "members": members,
+            "delay_ms": delay_ms,
+            "chunk_delay_ms": chunk_delay_ms,
+        }
         try:
-            worker = build_worker(kind, options)
+            worker = build_worker(kind, options, orchestrator.worker_context(trusted=False))
         except WorkerSpecError as exc:
             raise _tool_error(exc) from None
         try:

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -27,22 +28,25 @@ from prometheus_client.core import Metric
 
 from mcp_orchestrator.config import Config
 from mcp_orchestrator.errors import (
+    CircuitOpen,
     DeadlineExceeded,
     OrchestratorError,
     PipelineNotRunning,
+    RateLimited,
     RequestShed,
     StageTimeout,
     WorkerFailed,
 )
-from mcp_orchestrator.metrics import Metrics, gauge
+from mcp_orchestrator.metrics import Metrics, counter, gauge
 from mcp_orchestrator.models import (
     STAGE_ORDER,
+    BreakerStatus,
     DeadLetterReason,
     InferResult,
     Outcome,
     Percentiles,
     PipelineStatus,
-    RateLimitStatus,
+    Provenance,
     StageName,
     StageStatus,
     StageTimings,
@@ -50,11 +54,25 @@ from mcp_orchestrator.models import (
     Totals,
     Usage,
 )
+from mcp_orchestrator.pipeline.admission import Admission
+from mcp_orchestrator.pipeline.coalesce import CachedAnswer, Flight, FlightTable, answer_key
 from mcp_orchestrator.pipeline.dead_letters import DeadLetterQueue
+from mcp_orchestrator.pipeline.guard import (
+    GuardedWorker,
+    Trace,
+    backend_name,
+    guard,
+    is_circuit_open,
+    leaves,
+    start_trace,
+)
 from mcp_orchestrator.pipeline.priority import PriorityQueue, QueueFull
 from mcp_orchestrator.pipeline.request import ChunkSink, Request
 from mcp_orchestrator.pipeline.stages import ContextSource, assemble_messages, post_process, trim_context
-from mcp_orchestrator.workers.base import Worker, WorkerError, WorkerRequest
+from mcp_orchestrator.resilience.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from mcp_orchestrator.resilience.cache import ResultCache
+from mcp_orchestrator.resilience.retry import AnyioClock, Clock, RetryPolicy, Verdict, call_with_retries
+from mcp_orchestrator.workers.base import Chunk, Worker, WorkerError, WorkerRequest
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +89,8 @@ class Counters:
     cancelled: int = 0
     coalesced: int = 0
     cache_hits: int = 0
+    rate_limited: int = 0
+    """Refused by admission control (also counted in failed)."""
 
     def ended(self) -> int:
         return self.completed + self.failed + self.shed + self.cancelled
@@ -87,8 +107,48 @@ class _Lease:
     """How many requests are running on one worker, and whether it has been swapped out."""
 
     worker: Worker
+    guarded: Worker
+    """The same worker with each backend behind its circuit breaker: what requests call."""
     active: int = 0
     retired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _StageBudget:
+    """When the inference stage of one request must end (on the pipeline's clock), and why."""
+
+    end: float
+    timeout_ms: int
+    stage_binds: bool
+    """True when the stage timeout comes before the request's deadline."""
+    deadline_ms: float
+
+
+@dataclass(slots=True)
+class _Answer:
+    """What one successful call produced."""
+
+    parts: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    finish_reason: str | None = None
+
+
+class _OutOfTime(Exception):
+    """The stage timeout or the request's deadline ended the inference: final, never retried."""
+
+    def __init__(self, error: OrchestratorError, reason: DeadLetterReason) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.reason = reason
+
+
+_STATE_VALUE = {BreakerState.closed: 0, BreakerState.half_open: 1, BreakerState.open: 2}
+
+
+def _all_open(worker: Worker) -> bool:
+    """Whether every backend inside `worker` is behind a breaker that refuses calls now."""
+    members = leaves(worker)
+    return bool(members) and not any(member.available for member in members)
 
 
 @dataclass
@@ -108,8 +168,12 @@ class Pipeline:
         *,
         context_source: ContextSource | None = None,
         metrics: Metrics | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
+        self.clock: Clock = clock or AnyioClock()
+        """Time for retry waits and breaker timeouts (injectable, so tests need not sleep)."""
+        self.breakers: dict[str, CircuitBreaker] = {}
         self.context_source = context_source
         self.metrics = metrics or Metrics()
         self.dead_letters = DeadLetterQueue(config.pipeline.dead_letter_capacity)
@@ -119,12 +183,27 @@ class Pipeline:
         self.latencies_ms: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.tokens = Usage()
         self.started_at: float | None = None
-        self._lease = _Lease(worker)
+        self._lease = self._new_lease(worker)
         self._queues = _Queues()
         self._task_group: TaskGroup | None = None
         self._seq = itertools.count()
         self._swap_lock = anyio.Lock()
+        self.admission = Admission(
+            config.rate_limits, aging_s=config.pipeline.priority_aging_ms / 1000, clock=self._now
+        )
+        dedup = config.deduplication
+        self.cache: ResultCache[CachedAnswer] = ResultCache(dedup.max_entries, dedup.window_s, clock=self._now)
+        self.flights = FlightTable()
+        self._worker_generation = 0
+        """Bumped by each worker swap and part of every answer key: answers never cross workers."""
+        # Labelled children looked up once: a labels() call per request is a measurable cost.
+        self._outcome_metric = {outcome: self.metrics.requests.labels(outcome.name) for outcome in Outcome}
+        self._stage_metric = {
+            name: self.metrics.stage_duration.labels(name) for name in [*(s.value for s in STAGE_ORDER), "admission"]
+        }
         self.metrics.add_live_gauges(self._live_gauges)
+        self.metrics.add_live_gauges(self._admission_gauges)
+        self.metrics.add_live_gauges(self._breaker_gauges)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -202,28 +281,214 @@ class Pipeline:
             submitted_at=now,
             deadline=now + deadline_ms / 1000,
             on_chunk=on_chunk,
+            caller_deadline=now + deadline_ms / 1000,
             stage_entered_at=now,
         )
         self.counters.submitted += 1
         self.live[request.id] = request
-        self._forward(request, StageName.rag, now)
+        self._admit(request, now)
         return request
 
     async def wait(self, request: Request) -> InferResult:
         try:
-            with anyio.CancelScope(deadline=request.deadline):
+            with anyio.CancelScope(deadline=request.caller_deadline):
                 await request.done.wait()
         except anyio.get_cancelled_exc_class():
-            self._settle(request, Outcome.cancelled)
+            self._leave(request, Outcome.cancelled)
             raise
         if not request.finished:
             deadline_ms = request.submission.deadline_ms or self.config.pipeline.default_deadline_ms
-            error = DeadlineExceeded(deadline_ms, request.stage.value)
-            self._fail(request, error, DeadLetterReason.deadline_exceeded)
+            where = request.flight.leader.stage if request.flight is not None else request.stage
+            error = DeadlineExceeded(deadline_ms, where.value)
+            if self._leave(request, Outcome.failed, error):
+                raise error
         if request.outcome is Outcome.completed:
             return self._result(request)
         assert request.error is not None
         raise request.error
+
+    # ------------------------------------------------------------------ admission: cache, coalescing, rate limit
+
+    def _admit(self, request: Request, now: float) -> None:
+        """Answer from the cache, or join an identical request in flight, or pass the rate
+        limit and enter the RAG queue. In that order: only a request that will call the
+        backend spends a token or a queue slot, so a burst of identical calls costs one of each."""
+        submission = request.submission
+        if self._shares_answers() and (submission.cache or submission.dedup):
+            key = request.key = self._answer_key(submission)
+            if submission.cache:
+                answer = self.cache.get(key)
+                if answer is not None:
+                    self._answer_from_cache(request, answer, now)
+                    return
+            if submission.dedup:
+                flight = self.flights.find(key)
+                if flight is not None:
+                    self._join(flight, request)
+                    return
+                request.flight = self.flights.open(key, request, request.on_chunk)
+                request.on_chunk = request.flight.broadcast
+        self._enter(request, now)
+
+    def _enter(self, request: Request, now: float) -> None:
+        """Pass the rate limit (now, or by waiting for a token) and enter the RAG queue."""
+        submission = request.submission
+        budget = request.deadline - now - self.config.rate_limits.min_remaining_ms / 1000
+        try:
+            admitted = self.admission.admit_now(submission.priority.rank, submission.session_id, budget)
+        except RateLimited as exc:
+            self._settle(request, Outcome.failed, exc)
+            return
+        if admitted:
+            self._forward(request, StageName.rag, now)
+        elif self._task_group is None:  # shutting down: nothing will admit it
+            self._settle(request, Outcome.failed, PipelineNotRunning())
+        else:
+            self._task_group.start_soon(self._wait_for_admission, request)
+
+    def _shares_answers(self) -> bool:
+        """Coalescing and caching key on the assembled messages, known at admission only when
+        no context source can add retrieved passages to them."""
+        rag_active = self.context_source is not None and self.config.stages.rag.enabled
+        return self.config.deduplication.enabled and not rag_active
+
+    def _answer_key(self, submission: Submission) -> str:
+        """Unset parameters stay unset in the key: the worker fills them from its own settings,
+        which cannot change without a worker swap, and a swap changes the generation."""
+        worker = self._lease.worker
+        messages = assemble_messages(submission.prompt, submission.system, [])
+        return answer_key(f"{worker.kind}#{self._worker_generation}", worker.model, messages, submission.params)
+
+    def _answer_from_cache(self, request: Request, answer: CachedAnswer, now: float) -> None:
+        """A cache hit skips every stage: the cached text was post-processed with the same
+        stop sequences (they are in the key) and no context source is active."""
+        details = answer.unpack()
+        request.text, request.usage, request.finish_reason = answer.text, details.usage, details.finish_reason
+        request.worker, request.model, request.provenance = details.worker, details.model, details.provenance
+        request.cached = True
+        request.stage_entered_at = now
+        self.counters.cache_hits += 1
+        self.metrics.cache_hits.inc()
+        if request.on_chunk is not None and answer.text:
+            request.on_chunk(answer.text)
+        self._settle(request, Outcome.completed)
+
+    def _join(self, flight: Flight, request: Request) -> None:
+        """Wait on `flight` instead of travelling; the trip now lasts as long as its latest caller allows."""
+        request.flight = flight
+        request.coalesced = True
+        flight.join(request, request.on_chunk)
+        leader = flight.leader
+        leader.deadline = max(leader.deadline, request.deadline)
+
+    async def _wait_for_admission(self, request: Request) -> None:
+        """Wait for rate-limit tokens in the pipeline's task group, not the caller's task, so a
+        flight leader whose caller leaves keeps its place in line for its followers."""
+        submission = request.submission
+        with anyio.CancelScope() as scope:  # settle() cancels it: nobody waits any more
+            request.admission_scope = scope
+            try:
+                while True:
+                    deadline = request.deadline
+                    budget = deadline - anyio.current_time() - self.config.rate_limits.min_remaining_ms / 1000
+                    try:
+                        await self.admission.admit(submission.priority.rank, submission.session_id, budget)
+                        break
+                    except RateLimited as exc:
+                        if request.deadline > deadline:
+                            continue  # a follower with more time joined meanwhile: try again for it
+                        self._settle(request, Outcome.failed, exc)
+                        return
+            finally:
+                request.admission_scope = None
+        if scope.cancelled_caught or request.finished:
+            return
+        now = anyio.current_time()
+        request.stage_ms["admission"] = (now - request.stage_entered_at) * 1000
+        request.stage_entered_at = now
+        self._forward(request, StageName.rag, now)
+
+    def _leave(self, request: Request, outcome: Outcome, error: OrchestratorError | None = None) -> bool:
+        """The caller stops waiting: cancelled (no error) or past its deadline (the error).
+
+        A flight leader with followers still waiting is counted as ended for its caller but
+        keeps travelling for them; returns True then (the request itself is not settled).
+        """
+        flight = request.flight
+        if flight is None or flight.leader is not request or not flight.followers or request.finished:
+            if error is None:
+                self._settle(request, outcome)
+            else:
+                self._fail(request, error, DeadLetterReason.deadline_exceeded)
+            return False
+        request.caller_left = True
+        flight.leave(request)  # no more chunks for a caller that is gone
+        if error is not None:
+            self.dead_letters.add(
+                request.id, request.submission, request.stage, DeadLetterReason.deadline_exceeded, str(error)
+            )
+            self.metrics.errors.labels(request.stage.value, DeadLetterReason.deadline_exceeded.value).inc()
+        self._count(request, outcome, error)
+        return True
+
+    def _land(self, flight: Flight, leader: Request) -> None:
+        """The leader ended: its outcome is every follower's. Only a completed answer is cached."""
+        self.flights.close(flight)
+        followers = flight.land()
+        if leader.outcome is not Outcome.completed:
+            now = anyio.current_time()
+            if isinstance(leader.error, DeadlineExceeded) and any(f.caller_deadline > now for f in followers):
+                self._hand_over(flight.key, followers, now)
+                return
+            for follower in followers:
+                self._settle(follower, leader.outcome or Outcome.failed, leader.error)
+            return
+        self._remember(leader)
+        now = anyio.current_time()
+        for follower in followers:
+            follower.text, follower.usage, follower.finish_reason = leader.text, leader.usage, leader.finish_reason
+            follower.worker, follower.model, follower.provenance = leader.worker, leader.model, leader.provenance
+            follower.stage_entered_at = now
+            self.counters.coalesced += 1
+            self.metrics.coalesced.inc()
+            self._settle(follower, Outcome.completed)
+
+    def _hand_over(self, key: str, followers: list[Request], now: float) -> None:
+        """The trip ran out of its leader's own time (a stage already running keeps the deadline it
+        started with), but some waiters still have theirs: the first of them travels now, the
+        others wait on it. One more backend call, only in this case."""
+        leader, *rest = followers
+        leader.coalesced = False
+        flight = leader.flight = self.flights.open(key, leader, leader.on_chunk)
+        leader.on_chunk = flight.broadcast
+        for follower in rest:
+            self._join(flight, follower)
+        self._enter(leader, now)
+
+    def _remember(self, request: Request) -> None:
+        if request.key is not None and request.submission.cache and not (request.cached or request.coalesced):
+            self.cache.put(
+                request.key,
+                CachedAnswer.pack(
+                    request.text,
+                    request.usage,
+                    request.finish_reason,
+                    request.worker,
+                    request.model,
+                    request.provenance,
+                ),
+            )
+
+    def _now(self) -> float:
+        return self.clock.now()
+
+    def _admission_gauges(self) -> Iterable[Metric]:
+        waiting = float(self.admission.waiting())
+        yield gauge("orchestrator_admission_waiting", "Requests waiting for a rate-limit token", [], [([], waiting)])
+        entries = float(len(self.cache))
+        yield gauge("orchestrator_cache_entries", "Answers held by the result cache", [], [([], entries)])
+        flights = float(len(self.flights))
+        yield gauge("orchestrator_flights", "Requests in flight that identical ones may join", [], [([], flights)])
 
     # ------------------------------------------------------------------ moving requests
 
@@ -267,9 +532,37 @@ class Pipeline:
     def _settle(self, request: Request, outcome: Outcome, error: BaseException | None = None) -> None:
         if not request.settle(outcome, error):
             return
+        self._leave_inference_queue(request)
+        if not request.caller_left:  # else counted when its caller left
+            self._count(request, outcome, error)
+        flight = request.flight
+        if flight is None:
+            if outcome is Outcome.completed:
+                self._remember(request)
+        elif flight.landed:
+            pass
+        elif flight.leader is request:
+            self._land(flight, request)
+        else:
+            flight.leave(request)
+            if flight.leader.caller_left and not flight.followers:
+                # Nobody waits for this trip any more: stop it, backend call included.
+                self._settle(flight.leader, Outcome.cancelled)
+
+    def _leave_inference_queue(self, request: Request) -> None:
+        """A request that ended while queued (cancelled, deadline) must not keep its place or count in the depth."""
+        queue = self._queues.inference
+        if request.stage is StageName.inference and queue is not None:
+            queue.discard(request)
+
+    def _count(self, request: Request, outcome: Outcome, error: BaseException | None) -> None:
+        """Record how a caller's request ended: exactly once per submitted request."""
         del self.live[request.id]
         setattr(self.counters, outcome.name, getattr(self.counters, outcome.name) + 1)
-        self.metrics.requests.labels(outcome.name).inc()
+        self._outcome_metric[outcome].inc()
+        if isinstance(error, RateLimited):
+            self.counters.rate_limited += 1
+            self.metrics.rate_limited.labels(error.scope).inc()
 
     # ------------------------------------------------------------------ the stages
 
@@ -339,8 +632,9 @@ class Pipeline:
         latency_ms = (now - request.submitted_at) * 1000
         self.latencies_ms.append(latency_ms)
         self.metrics.request_duration.observe(latency_ms / 1000)
+        histograms = self._stage_metric
         for stage, ms in request.stage_ms.items():
-            self.metrics.stage_duration.labels(stage).observe(ms / 1000)
+            histograms[stage].observe(ms / 1000)
         self._settle(request, Outcome.completed)
 
     # ------------------------------------------------------------------ inference
@@ -357,63 +651,270 @@ class Pipeline:
         lease = self._lease
         lease.active += 1
         try:
-            await self._call_worker(request, lease.worker)
+            await self._call_worker(request, lease.guarded)
         finally:
             lease.active -= 1
             if lease.retired and lease.active == 0:
                 self._close_later(lease.worker)
 
     async def _call_worker(self, request: Request, worker: Worker) -> None:
+        """Call the (guarded) worker with retries, inside the stage timeout and the deadline.
+
+        Retries only retryable failures, and only while no chunk has reached the caller:
+        a retry starts the answer from scratch, and a caller who already got half of it
+        would see it repeated or spliced, so a stream that breaks after forwarding text
+        fails with a clear error instead.
+        """
         section = self.config.stages.inference
         submission = request.submission
-        params = submission.params
-        params = params.model_copy(
-            update={
-                "max_tokens": params.max_tokens if params.max_tokens is not None else section.max_tokens,
-                "temperature": params.temperature if params.temperature is not None else section.temperature,
-            }
-        )
-        call = WorkerRequest(request.messages, params, request.id, submission.session_id)
+        # Only the call's own parameters: the worker layers them over its configure_worker
+        # settings, which already sit over the config's [stages.inference] defaults.
+        call = WorkerRequest(request.messages, submission.params, request.id, submission.session_id)
         request.worker, request.model = worker.kind, worker.model
-        parts: list[str] = []
-        sink = request.on_chunk
-        attempt_deadline = min(request.deadline, anyio.current_time() + section.timeout_ms / 1000)
-        try:
-            with anyio.CancelScope(deadline=attempt_deadline) as scope:
-                request.inference_scope = scope
-                request.attempts += 1
-                async with aclosing(worker.generate(call)) as chunks:
-                    async for chunk in chunks:
-                        if chunk.text:
-                            parts.append(chunk.text)
-                            if sink is not None:
-                                sink(chunk.text)
-                        if chunk.usage is not None:
-                            request.usage = chunk.usage
-                        if chunk.finish_reason is not None:
-                            request.finish_reason = chunk.finish_reason
-        except WorkerError as exc:
-            request.inference_scope = None
-            self._fail(request, WorkerFailed(str(exc)), DeadLetterReason.worker_error)
-            return
-        except Exception as exc:
-            request.inference_scope = None
-            log.exception("worker %s raised on request %s", worker.kind, request.id)
-            self._fail(request, WorkerFailed(f"{worker.kind} worker error: {exc}"), DeadLetterReason.worker_error)
-            return
+        trace = start_trace()
+        # The stage ends at its timeout or at the request's deadline, whichever comes first.
+        # Kept on self.clock, the clock the retry waits run on; cancel scopes use the loop's.
+        left_s = request.deadline - anyio.current_time()
+        stage = _StageBudget(
+            end=self.clock.now() + min(left_s, section.timeout_ms / 1000),
+            timeout_ms=section.timeout_ms,
+            stage_binds=section.timeout_ms / 1000 < left_s,
+            deadline_ms=submission.deadline_ms or self.config.pipeline.default_deadline_ms,
+        )
+        answer: _Answer | None = None
+        error: OrchestratorError | None = None
+        reason = DeadLetterReason.worker_error
+        with anyio.CancelScope() as scope:  # settle() cancels it when the caller gives up
+            request.inference_scope = scope
+            try:
+                answer = await call_with_retries(
+                    partial(self._attempt, request, worker, call, trace, stage),
+                    policy=self._retry_policy(),
+                    deadline=stage.end,
+                    clock=self.clock,
+                    judge=partial(self._judge, trace, worker),
+                    on_retry=partial(self._on_retry, request, trace),
+                )
+            except _OutOfTime as exc:
+                error, reason = exc.error, exc.reason
+            except WorkerError as exc:
+                error = self._worker_failure(exc, trace, worker)
+            except Exception as exc:
+                log.exception("worker %s raised on request %s", worker.kind, request.id)
+                error = WorkerFailed(f"{worker.kind} worker error: {exc}")
         request.inference_scope = None
+        request.attempts = trace.attempts
         if request.finished:  # the caller gave up (deadline or cancellation) while we worked
             return
-        if scope.cancelled_caught:
-            self._timed_out(request, section.timeout_ms)
+        if error is not None or answer is None:
+            self._fail(request, error or WorkerFailed(f"{worker.kind}: no answer"), reason)
             return
-        request.text = "".join(parts)
+        request.text = "".join(answer.parts)
+        request.usage, request.finish_reason = answer.usage, answer.finish_reason
+        request.provenance = self._provenance(trace, worker)
         usage = request.usage or Usage()
         self.tokens.input_tokens += usage.input_tokens
         self.tokens.output_tokens += usage.output_tokens
         self.metrics.tokens.labels("input").inc(usage.input_tokens)
         self.metrics.tokens.labels("output").inc(usage.output_tokens)
         self._forward(request, StageName.post_process, anyio.current_time())
+
+    async def _attempt(
+        self, request: Request, worker: Worker, call: WorkerRequest, trace: Trace, stage: _StageBudget, retry: int
+    ) -> _Answer:
+        """One call of the worker, bounded by the attempt timeout and what is left of the stage."""
+        remaining = stage.end - self.clock.now()
+        if remaining <= 0:
+            raise self._out_of_time(stage)
+        limit_ms = self.config.resilience.attempt_timeout_ms
+        own_limit = limit_ms is not None and limit_ms / 1000 < remaining
+        budget = limit_ms / 1000 if own_limit and limit_ms is not None else remaining
+        loop_deadline = anyio.current_time() + budget
+        # A timeout of ours is the backend's fault; the caller's own deadline is not.
+        trace.begin_attempt(loop_deadline if own_limit or stage.stage_binds else None)
+        answer = _Answer()
+        sink = request.on_chunk
+        with anyio.CancelScope(deadline=loop_deadline) as scope:
+            async with aclosing(worker.generate(call)) as chunks:
+                async for chunk in chunks:
+                    self._take(answer, chunk, trace, sink)
+        trace.blame_after = None
+        if not scope.cancelled_caught:
+            return answer
+        if own_limit:
+            name = trace.active.name if trace.active is not None else backend_name(worker)
+            error = WorkerError(name, f"no complete answer within {limit_ms} ms (resilience.attempt_timeout_ms)", True)
+            if trace.active is not None:
+                trace.record(trace.active, error)
+            raise error
+        raise self._out_of_time(stage)
+
+    @staticmethod
+    def _take(answer: _Answer, chunk: Chunk, trace: Trace, sink: ChunkSink | None) -> None:
+        if chunk.text:
+            answer.parts.append(chunk.text)
+            if sink is not None:
+                sink(chunk.text)
+                trace.forwarded += 1
+        if chunk.usage is not None:
+            answer.usage = chunk.usage
+        if chunk.finish_reason is not None:
+            answer.finish_reason = chunk.finish_reason
+
+    def _out_of_time(self, stage: _StageBudget) -> _OutOfTime:
+        if stage.stage_binds:
+            return _OutOfTime(StageTimeout(StageName.inference.value, stage.timeout_ms), DeadLetterReason.stage_timeout)
+        return _OutOfTime(
+            DeadlineExceeded(stage.deadline_ms, StageName.inference.value),
+            DeadLetterReason.deadline_exceeded,
+        )
+
+    @staticmethod
+    def _judge(trace: Trace, worker: Worker, error: BaseException) -> Verdict | None:
+        """Whether a failed call may be retried. None: not a backend failure, let it through.
+
+        Never retried: permanent errors, a stream that already reached the caller, and
+        open breakers (they exist to fail fast, not to make callers wait them out).
+        """
+        if not isinstance(error, WorkerError):
+            return None
+        if not error.retryable or trace.forwarded or is_circuit_open(error) or _all_open(worker):
+            return Verdict(False)
+        return Verdict(True, error.retry_after_s)
+
+    def _on_retry(self, request: Request, trace: Trace, retry: int, error: BaseException, wait_s: float) -> None:
+        trace.retries += 1
+        name = trace.active.name if trace.active is not None else request.worker
+        self.metrics.retries.labels(name).inc()
+        log.info("request %s: retry %d in %.3f s after: %s", request.id, retry + 1, wait_s, error)
+
+    def _worker_failure(self, error: WorkerError, trace: Trace, worker: Worker) -> OrchestratorError:
+        """The error the caller sees for a worker failure we stopped retrying."""
+        if is_circuit_open(error):
+            return CircuitOpen(error.backend, error.retry_after_s or 0.0)
+        if _all_open(worker) and not trace.attempt_reached_a_backend:  # a pool or chain with nobody left
+            members = leaves(worker)
+            wait = min(member.breaker.retry_after_s() for member in members)
+            return CircuitOpen(f"{worker.kind} (all {len(members)} members)", wait)
+        message = str(error)
+        if trace.forwarded and error.retryable:
+            message += (
+                f"; not retried: {trace.forwarded} chunk(s) had already been streamed to the caller "
+                "and a retry would repeat them"
+            )
+        elif error.retryable:
+            allowed = self.config.resilience.retry_attempts
+            why = (
+                f"resilience.retry_attempts = {allowed} used up"
+                if trace.retries >= allowed
+                else "waiting to retry would pass the request's deadline or the stage timeout"
+            )
+            message += f" (gave up after {trace.attempts} call(s): {why})"
+        return WorkerFailed(message)
+
+    def _provenance(self, trace: Trace, worker: Worker) -> Provenance:
+        answered = trace.answered_by
+        return Provenance(
+            worker=answered.name if answered is not None else backend_name(worker),
+            attempts=trace.attempts,
+            retries=trace.retries,
+            fallbacks=list(trace.hops),
+            breaker=(answered.breaker.state if answered is not None else BreakerState.closed).value,
+        )
+
+    # ------------------------------------------------------------------ breakers and retry settings
+
+    def _retry_policy(self) -> RetryPolicy:
+        section = self.config.resilience
+        return RetryPolicy(section.retry_attempts, section.retry_base_ms / 1000, section.retry_max_ms / 1000)
+
+    def _breaker_settings(self) -> BreakerSettings:
+        section = self.config.resilience
+        return BreakerSettings(
+            section.circuit_breaker_threshold,
+            section.circuit_breaker_timeout_s,
+            section.circuit_breaker_success_rate,
+            section.circuit_breaker_probes,
+        )
+
+    def breaker_for(self, name: str) -> CircuitBreaker:
+        """The breaker of backend `name`, kept across worker swaps so its history survives."""
+        breaker = self.breakers.get(name)
+        if breaker is None:
+            breaker = CircuitBreaker(name, self._breaker_settings(), now=self.clock.now, on_change=self._breaker_moved)
+            self.breakers[name] = breaker
+        return breaker
+
+    def _new_lease(self, worker: Worker) -> _Lease:
+        guarded = guard(worker, self.breaker_for)
+        current = {leaf.name for leaf in leaves(guarded)}
+        if hasattr(self, "_lease"):
+            current |= {leaf.name for leaf in leaves(self._lease.guarded)}  # still finishing requests
+        for name in set(self.breakers) - current:
+            del self.breakers[name]
+        return _Lease(worker, guarded)
+
+    def apply_resilience(self) -> None:
+        """Push the current [resilience] settings into the live breakers (config reload)."""
+        settings = self._breaker_settings()
+        for breaker in self.breakers.values():
+            breaker.update(settings)
+
+    def _breaker_moved(self, name: str, old: BreakerState, new: BreakerState) -> None:
+        self.metrics.breaker_transitions.labels(name, new.value).inc()
+        breaker = self.breakers.get(name)
+        if new is BreakerState.open and breaker is not None:
+            log.warning(
+                "circuit breaker for %s opened (was %s): failing fast for %g s",
+                name,
+                old.value,
+                breaker.settings.timeout_s,
+            )
+        else:
+            log.warning("circuit breaker for %s: %s -> %s", name, old.value, new.value)
+
+    def current_breakers(self) -> list[GuardedWorker]:
+        return leaves(self._lease.guarded)
+
+    def breaker_status(self) -> list[BreakerStatus]:
+        statuses = []
+        for leaf in self.current_breakers():
+            snap = leaf.breaker.snapshot()
+            statuses.append(
+                BreakerStatus(
+                    name=snap.name,
+                    state=snap.state.value,
+                    consecutive_failures=snap.consecutive_failures,
+                    successes=snap.successes,
+                    failures=snap.failures,
+                    rejected=snap.rejected,
+                    times_opened=snap.times_opened,
+                    retry_after_s=snap.retry_after_s,
+                    probes_in_flight=snap.probes_in_flight,
+                )
+            )
+        return statuses
+
+    def _breaker_gauges(self) -> Iterable[Metric]:
+        snaps = [leaf.breaker.snapshot() for leaf in self.current_breakers()]
+        yield gauge(
+            "orchestrator_circuit_breaker_state",
+            "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
+            ["worker"],
+            (([snap.name], float(_STATE_VALUE[snap.state])) for snap in snaps),
+        )
+        yield gauge(
+            "orchestrator_circuit_breaker_consecutive_failures",
+            "Consecutive retryable failures counted by each closed breaker",
+            ["worker"],
+            (([snap.name], float(snap.consecutive_failures)) for snap in snaps),
+        )
+        yield counter(
+            "orchestrator_circuit_breaker_rejections",
+            "Calls refused by an open breaker without touching the backend",
+            ["worker"],
+            (([snap.name], float(snap.rejected)) for snap in snaps),
+        )
 
     # ------------------------------------------------------------------ worker swap
 
@@ -426,7 +927,9 @@ class Pipeline:
             with anyio.fail_after(HEALTH_TIMEOUT_S):
                 await worker.health()
             old = self._lease
-            self._lease = _Lease(worker)
+            self._lease = self._new_lease(worker)
+            self._worker_generation += 1
+            self.cache.clear()
             old.retired = True
             self.metrics.worker_swaps.inc()
             if old.active == 0:
@@ -455,6 +958,9 @@ class Pipeline:
             latency_ms=round((request.stage_entered_at - request.submitted_at) * 1000, 3),
             stage_ms=StageTimings(**{k: round(v, 3) for k, v in request.stage_ms.items()}),
             attempts=request.attempts,
+            provenance=request.provenance,
+            coalesced=request.coalesced,
+            cached=request.cached,
         )
 
     def _capacity(self, stage: StageName) -> int:
@@ -495,7 +1001,6 @@ class Pipeline:
     def status(self) -> PipelineStatus:
         stages = self.config.stages
         counters = self.counters
-        limits = self.config.rate_limits
         return PipelineStatus(
             stages=[
                 StageStatus(
@@ -518,18 +1023,15 @@ class Pipeline:
                 coalesced=counters.coalesced,
                 cache_hits=counters.cache_hits,
                 dead_letters=len(self.dead_letters),
+                backend_calls_saved=counters.coalesced + counters.cache_hits,
+                rate_limited=counters.rate_limited,
             ),
             worker={**self.worker.describe(), "in_flight": self._lease.active},
-            rate_limit=RateLimitStatus(
-                enabled=limits.enabled,
-                requests_per_second=limits.requests_per_second,
-                burst_capacity=limits.burst_capacity,
-                per_session_rps=limits.per_session_rps,
-                per_session_burst=limits.per_session_burst,
-            ),
+            rate_limit=self.admission.status(),
             latency_ms=Percentiles(**self.latency_percentiles()),
             tokens=self.tokens.model_copy(),
             concurrency={"limit": stages.inference.concurrency, "busy": self._lease.active},
             uptime_s=self.uptime_s(),
             reconciles=self.reconciles(),
+            breakers=self.breaker_status(),
         )

@@ -57,6 +57,17 @@ class PriorityQueue(Generic[T]):
                 raise
         return heapq.heappop(self._heap)[2]
 
+    def discard(self, item: T) -> bool:
+        """Remove `item` if it is still waiting (it ended while queued); O(n). Returns whether it was there."""
+        for index, entry in enumerate(self._heap):
+            if entry[2] is item:
+                last = self._heap.pop()
+                if index < len(self._heap):
+                    self._heap[index] = last
+                    heapq.heapify(self._heap)
+                return True
+        return False
+
     def drain(self) -> list[T]:
         items = [entry[2] for entry in self._heap]
         self._heap.clear()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 
-from mcp_orchestrator.models import Message, Outcome, StageName, Submission, Usage
+from mcp_orchestrator.models import Message, Outcome, Provenance, StageName, Submission, Usage
+
+if TYPE_CHECKING:
+    from mcp_orchestrator.pipeline.coalesce import Flight
 
 ChunkSink = Callable[[str], None]
 
@@ -19,8 +23,11 @@ class Request:
     seq: int
     submitted_at: float
     deadline: float
-    """Absolute anyio clock time after which the request fails."""
+    """Absolute anyio clock time after which the request's trip through the stages ends. A flight
+    leader's is pushed back to the latest deadline of the followers waiting on it."""
     on_chunk: ChunkSink | None = None
+    caller_deadline: float = 0.0
+    """When the caller of this request stops waiting (its own deadline, never moved)."""
 
     stage: StageName = StageName.rag
     stage_entered_at: float = 0.0
@@ -33,11 +40,21 @@ class Request:
     worker: str = ""
     model: str = ""
     attempts: int = 0
+    provenance: Provenance | None = None
     inference_scope: anyio.CancelScope | None = None
 
     outcome: Outcome | None = None
     error: BaseException | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+
+    key: str | None = None
+    """Answer key (see pipeline/coalesce.py) when the request may share or cache its answer."""
+    flight: Flight | None = None
+    coalesced: bool = False
+    cached: bool = False
+    caller_left: bool = False
+    """A flight leader whose caller stopped waiting (already counted) while it travels on for followers."""
+    admission_scope: anyio.CancelScope | None = None
 
     @property
     def finished(self) -> bool:
@@ -57,5 +74,7 @@ class Request:
         self.error = error
         if self.inference_scope is not None:
             self.inference_scope.cancel()
+        if self.admission_scope is not None:
+            self.admission_scope.cancel()
         self.done.set()
         return True

@@ -19,13 +19,36 @@ class WorkerRequest:
     session_id: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Provenance of an answer that went through composite workers (pool, fallback).
+
+    `hops` lists the composite choices outermost first (e.g. "pool replica 1");
+    `served_by` names the backend that produced the text; `skipped` lists the
+    fallback members that failed (retryably) before it, each with its error.
+    """
+
+    served_by: str
+    hops: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+
+    def behind(self, hop: str, skipped: tuple[str, ...] = ()) -> Route:
+        """This route as seen from one composite further out."""
+        return Route(self.served_by, (hop, *self.hops), (*skipped, *self.skipped))
+
+
 @dataclass(slots=True)
 class Chunk:
-    """A piece of generated text. The last chunk of a stream may carry usage and finish reason."""
+    """A piece of generated text. The last chunk of a stream may carry usage and finish reason.
+
+    Composite workers set `route` on every chunk they pass on, so the last chunk
+    always tells which backend answered.
+    """
 
     text: str
     usage: Usage | None = None
     finish_reason: str | None = None
+    route: Route | None = None
 
 
 @dataclass(slots=True)
@@ -34,7 +57,8 @@ class WorkerError(Exception):
 
     `retryable` is true for transient trouble (connection errors, 408, 409, 429, 5xx,
     529); `retry_after_s` carries the backend's own Retry-After when it sent one.
-    The message must never contain a credential.
+    `extra["after_output"]` is true when text had already been yielded before the
+    failure (a retry would repeat it). The message must never contain a credential.
     """
 
     backend: str
@@ -47,7 +71,8 @@ class WorkerError(Exception):
     def __str__(self) -> str:
         status = f" (HTTP {self.status})" if self.status is not None else ""
         kind = "retryable" if self.retryable else "permanent"
-        return f"{self.backend}{status}, {kind}: {self.message}"
+        after = f" (retry after {self.retry_after_s:g} s)" if self.retry_after_s is not None else ""
+        return f"{self.backend}{status}, {kind}: {self.message}{after}"
 
 
 @runtime_checkable
@@ -69,3 +94,37 @@ class Worker(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Availability(Protocol):
+    """Optional: a worker (or a wrapper around one, such as a circuit breaker) that can say
+    it should not be sent traffic right now. Pools and fallback chains skip members whose
+    `available` is false."""
+
+    @property
+    def available(self) -> bool: ...
+
+
+def is_available(worker: Worker) -> bool:
+    return not isinstance(worker, Availability) or worker.available
+
+
+def layer_params(call: GenerationParams, *fallbacks: GenerationParams) -> GenerationParams:
+    """Each parameter from the first layer that sets it: the call, then the worker's own
+    settings (configure_worker or the config's replica), then the config's defaults."""
+    values: dict[str, Any] = {}
+    for name in GenerationParams.model_fields:
+        for layer in (call, *fallbacks):
+            value = getattr(layer, name)
+            if value is not None and value != ():
+                values[name] = value
+                break
+    return GenerationParams(**values)
+
+
+def label(worker: Worker) -> str:
+    """A short, secret-free name for a worker in routes and error messages."""
+    info = worker.describe()
+    where = info.get("base_url")
+    return f"{worker.kind} {where}" if where else f"{worker.kind} ({worker.model})"

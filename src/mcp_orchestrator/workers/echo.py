@@ -7,8 +7,8 @@ from typing import Any
 
 import anyio
 
-from mcp_orchestrator.models import Usage
-from mcp_orchestrator.workers.base import Chunk, WorkerRequest
+from mcp_orchestrator.models import GenerationParams, Usage
+from mcp_orchestrator.workers.base import Chunk, WorkerRequest, layer_params
 
 
 class EchoWorker:
@@ -20,10 +20,18 @@ class EchoWorker:
 
     kind = "echo"
 
-    def __init__(self, model: str = "echo", delay_ms: int = 0, chunk_delay_ms: int = 0) -> None:
+    def __init__(
+        self,
+        model: str = "echo",
+        delay_ms: int = 0,
+        chunk_delay_ms: int = 0,
+        *,
+        defaults: GenerationParams | None = None,
+    ) -> None:
         self._model = model
         self.delay_ms = delay_ms
         self.chunk_delay_ms = chunk_delay_ms
+        self.defaults = defaults or GenerationParams()
         self.calls = 0
 
     @property
@@ -36,7 +44,7 @@ class EchoWorker:
             await anyio.sleep(self.delay_ms / 1000)
         prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
         words = prompt.split(" ")
-        limit = request.params.max_tokens
+        limit = layer_params(request.params, self.defaults).max_tokens
         finish = "stop"
         if limit is not None and len(words) > limit:
             words, finish = words[:limit], "length"

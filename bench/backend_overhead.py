@@ -1,0 +1,199 @@
+"""What the orchestrator adds to a real backend call: `infer` through the pipeline and an
+in-memory MCP client vs the same request sent straight to llama-server, in the same run.
+
+A real llama-server with Gemma 3 270M is started (as the tests do, tests/support_llama.py).
+Every round sends the same streaming chat request (temperature 0, seed, max_tokens 4, so
+the server's prompt cache makes its own time short and steady) four ways, in an order
+that rotates each round so all see the same machine noise:
+- direct: httpx2 streaming POST /v1/chat/completions, read to `[DONE]`;
+- pipeline: `Orchestrator.infer` with the llama_cpp worker (no MCP);
+- MCP: `infer` through an in-memory MCP client (what Claude's call costs, minus the transport);
+- litellm Router against the same server, when `litellm` is installed (a peer figure).
+Cache and coalescing are off for every call: each one reaches the backend.
+
+Target: added p50 (MCP infer p50 - direct p50) <= 2 ms.
+
+    .venv/bin/python -m bench.backend_overhead [--rounds 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx2
+from mcp import Client
+from tests.support_llama import llama_server
+
+from bench.common import header, percentile, row, verdict
+from mcp_orchestrator.app import Orchestrator
+from mcp_orchestrator.config import config_from_mapping
+from mcp_orchestrator.models import GenerationParams, Submission
+
+TARGET_ADDED_MS = 2.0
+WARMUP = 20
+PROMPT = "Say hi"
+MAX_TOKENS = 4
+SEED = 7
+
+Call = Callable[[], Awaitable[str]]
+
+
+def direct_call(client: httpx2.AsyncClient, root: str) -> Call:
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "seed": SEED,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    async def call() -> str:
+        for _ in range(3):  # llama-server drops some kept-alive connections: send again, as any client must
+            try:
+                return await once()
+            except httpx2.RemoteProtocolError:
+                continue
+        raise RuntimeError("llama-server kept dropping the connection")
+
+    async def once() -> str:
+        parts = []
+        async with client.stream("POST", f"{root}/v1/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        parts.append(choice.get("delta", {}).get("content") or "")
+        return "".join(parts).strip()
+
+    return call
+
+
+def pipeline_call(orchestrator: Orchestrator) -> Call:
+    submission = Submission(
+        prompt=PROMPT,
+        params=GenerationParams(max_tokens=MAX_TOKENS, temperature=0, seed=SEED),
+        dedup=False,
+        cache=False,
+    )
+
+    async def call() -> str:
+        return (await orchestrator.infer(submission)).text
+
+    return call
+
+
+def mcp_call(client: Client) -> Call:
+    arguments = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "seed": SEED}
+
+    async def call() -> str:
+        result = await client.call_tool("infer", {**arguments, "cache": False, "dedup": False})
+        assert not result.is_error, result.content
+        assert result.structured_content is not None
+        return str(result.structured_content["text"])
+
+    return call
+
+
+def litellm_call(root: str) -> Call | None:
+    try:
+        from litellm import Router  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    router = Router(
+        model_list=[
+            {
+                "model_name": "local",
+                "litellm_params": {"model": "openai/gemma", "api_base": f"{root}/v1", "api_key": "none"},
+            }
+        ]
+    )
+
+    async def call() -> str:
+        stream = await router.acompletion(
+            model="local",
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            seed=SEED,
+            stream=True,
+        )
+        parts = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+        return "".join(parts).strip()
+
+    return call
+
+
+async def measure(rounds: int) -> None:
+    # One thread: the model server computes on one core and leaves the other to the client
+    # side, as a backend on its own hardware would. With both cores busy generating, any
+    # CPU the client spends per chunk would slow the model itself and be counted twice.
+    with llama_server(parallel=1, threads=1) as server:
+        config = config_from_mapping(
+            {
+                "stages": {"inference": {"worker": "llama_cpp", "base_url": server.root}},
+                "deduplication": {"enabled": False},
+                "resilience": {"retry_attempts": 0},
+            },
+            "bench",
+        )
+        orchestrator = Orchestrator(config)
+        async with httpx2.AsyncClient(timeout=60) as http, orchestrator, Client(orchestrator.server) as client:
+            calls: dict[str, Call] = {
+                "direct": direct_call(http, server.root),
+                "pipeline": pipeline_call(orchestrator),
+                "mcp": mcp_call(client),
+            }
+            peer = litellm_call(server.root)
+            if peer is not None:
+                calls["litellm"] = peer
+            answers = {name: await call() for name, call in calls.items()}
+            for _ in range(WARMUP):
+                for call in calls.values():
+                    await call()
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            orders = itertools.cycle(itertools.permutations(calls))
+            for _ in range(rounds):
+                for name in next(orders):
+                    started = time.perf_counter()
+                    await calls[name]()
+                    times[name].append((time.perf_counter() - started) * 1000)
+    report(times, answers, peer is not None)
+
+
+def report(times: dict[str, list[float]], answers: dict[str, Any], has_peer: bool) -> None:
+    header("backend overhead: infer through the orchestrator vs straight to llama-server")
+    row("rounds (each way)", str(len(times["direct"])))
+    row("answers identical", str(len(set(answers.values())) == 1) + f" ({answers['direct']!r})")
+    labels = {
+        "direct": "direct to llama-server",
+        "pipeline": "Orchestrator.infer (pipeline, no MCP)",
+        "mcp": "MCP infer (in-memory client)",
+        "litellm": "litellm Router (peer)",
+    }
+    for name, values in times.items():
+        row(f"{labels[name]} p50 / p99 ms", f"{percentile(values, 0.5):.2f} / {percentile(values, 0.99):.2f}")
+    base = percentile(times["direct"], 0.5)
+    for name in times:
+        if name != "direct":
+            row(f"added p50 ms: {labels[name]}", f"{percentile(times[name], 0.5) - base:+.2f}")
+    if not has_peer:
+        row("litellm Router", "not installed: skipped (pip install litellm to add it)")
+    added = percentile(times["mcp"], 0.5) - base
+    verdict("added p50 <= 2 ms", added <= TARGET_ADDED_MS, f"{added:.2f} ms over a {base:.2f} ms backend call")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=300)
+    args = parser.parse_args()
+    anyio.run(measure, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

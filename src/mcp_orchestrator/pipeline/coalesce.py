@@ -1,0 +1,147 @@
+"""Single flight: identical requests share one trip through the pipeline.
+
+The first request for a key (the leader) travels through the stages; identical
+requests that arrive while it is on its way (followers) do not enter any queue, they
+wait for the leader's answer. Which requests are identical is decided by
+`answer_key`: everything that can change the backend's answer is in it.
+
+This module keeps the bookkeeping (who waits on which flight); the pipeline decides
+what happens when a member leaves or the flight lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from mcp_orchestrator.models import GenerationParams, Message, Provenance, Usage
+
+if TYPE_CHECKING:
+    from mcp_orchestrator.pipeline.request import Request
+
+ChunkSink = Callable[[str], None]
+
+
+def answer_key(worker_kind: str, model: str, messages: tuple[Message, ...], params: GenerationParams) -> str:
+    """A fixed-size digest of everything that can change the backend's answer.
+
+    `params` must already carry the effective values (defaults applied), so a request
+    that leaves temperature unset and one that sets the default share a key. The JSON
+    is canonical (sorted keys, no spaces) and every field of GenerationParams is in
+    it, so a parameter added later is in the key without touching this function.
+    """
+    payload = json.dumps(
+        {
+            "worker": worker_kind,
+            "model": model,
+            "messages": [[m.role, m.content] for m in messages],
+            "params": params.model_dump(mode="json"),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class _AnswerDetails(BaseModel):
+    usage: Usage | None
+    finish_reason: str | None
+    worker: str
+    model: str
+    provenance: Provenance | None
+
+
+@dataclass(frozen=True, slots=True)
+class CachedAnswer:
+    """What a completed request leaves in the result cache: the answer, not the request.
+
+    Packed small, the text plus one JSON string for the rest: the cache holds thousands of
+    answers, and live pydantic objects for usage and provenance would cost ~1 KB each.
+    """
+
+    text: str
+    details: str
+
+    @classmethod
+    def pack(
+        cls,
+        text: str,
+        usage: Usage | None,
+        finish_reason: str | None,
+        worker: str,
+        model: str,
+        provenance: Provenance | None,
+    ) -> CachedAnswer:
+        details = _AnswerDetails(
+            usage=usage, finish_reason=finish_reason, worker=worker, model=model, provenance=provenance
+        )
+        return cls(text, details.model_dump_json())
+
+    def unpack(self) -> _AnswerDetails:
+        return _AnswerDetails.model_validate_json(self.details)
+
+
+@dataclass(eq=False, slots=True)
+class Flight:
+    """One trip through the pipeline and the callers waiting for its answer."""
+
+    key: str
+    leader: Request
+    """The request that travels. If its own caller leaves while followers wait, it keeps
+    travelling for them (the pipeline marks it `caller_left`)."""
+    followers: dict[str, Request] = field(default_factory=dict)
+    sinks: dict[str, ChunkSink] = field(default_factory=dict)
+    """Chunk sinks of the callers still waiting, by request id (the leader's included)."""
+    landed: bool = False
+
+    def join(self, follower: Request, sink: ChunkSink | None) -> None:
+        self.followers[follower.id] = follower
+        if sink is not None:
+            self.sinks[follower.id] = sink
+
+    def leave(self, member: Request) -> None:
+        self.followers.pop(member.id, None)
+        self.sinks.pop(member.id, None)
+
+    def broadcast(self, text: str) -> None:
+        """Forward a chunk to every caller still waiting (set as the leader's chunk sink)."""
+        for sink in tuple(self.sinks.values()):
+            sink(text)
+
+    def land(self) -> list[Request]:
+        """End the flight; returns the followers still waiting, in arrival order."""
+        self.landed = True
+        followers = list(self.followers.values())
+        self.followers.clear()
+        self.sinks.clear()
+        return followers
+
+
+class FlightTable:
+    """The flights in progress, by answer key."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def find(self, key: str) -> Flight | None:
+        return self._flights.get(key)
+
+    def open(self, key: str, leader: Request, sink: ChunkSink | None) -> Flight:
+        flight = Flight(key, leader)
+        if sink is not None:
+            flight.sinks[leader.id] = sink
+        self._flights[key] = flight
+        return flight
+
+    def close(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]

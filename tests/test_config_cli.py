@@ -1,0 +1,284 @@
+"""Configuration file and command line: help, version, errors that name the key, flags over file.
+
+Most cases call `cli.main` in process (it returns before serving when the config is bad or
+--check-config is given); the installed console script is run for the exit-code contract.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mcp_orchestrator import __version__
+from mcp_orchestrator.cli import build_parser, main
+from tests.support_processes import python_module, run_cli, write_lines
+
+EXIT_USAGE = 2
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+def resolved(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    code, out, err = run_main(capsys, *argv, "--check-config")
+    assert code == 0, err
+    settings: dict[str, Any] = json.loads(out)
+    return settings
+
+
+# ---------------------------------------------------------------------------- help and version
+
+DOCUMENTED_FLAGS = [
+    "--help",
+    "--version",
+    "--config",
+    "--check-config",
+    "--worker",
+    "--model",
+    "--delay-ms",
+    "--concurrency",
+    "--transport",
+    "--host",
+    "--port",
+    "--allowed-host",
+    "--allowed-origin",
+    "--metrics-port",
+    "--log-level",
+    "--log-format",
+]
+
+
+def test_help_lists_every_flag() -> None:
+    completed = run_cli("--help")
+    assert completed.returncode == 0, completed.stderr
+    every_flag = {option for action in build_parser()._actions for option in action.option_strings if "--" in option}
+    assert set(DOCUMENTED_FLAGS) <= every_flag
+    for flag in every_flag:
+        assert flag in completed.stdout, f"{flag} missing from --help"
+    assert "stdio" in completed.stdout and "http" in completed.stdout
+    assert completed.stderr == ""
+
+
+def test_version_from_the_console_script_and_python_m() -> None:
+    script = run_cli("--version")
+    module = python_module("--version")
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.strip() == f"mcp-orchestrator {__version__}"
+    assert module.returncode == 0, module.stderr
+    assert module.stdout.strip() == f"mcp-orchestrator {__version__}"
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    completed = run_cli("--wroker", "echo")
+    assert completed.returncode == EXIT_USAGE
+    assert "--wroker" in completed.stderr
+    assert completed.stdout == ""
+
+
+# ---------------------------------------------------------------------------- bad config files
+
+BAD_FILES: list[tuple[str, list[str], list[str]]] = [
+    (
+        "unknown-key",
+        ["[pipeline]", "default_deadline_mss = 5"],
+        ["pipeline.default_deadline_mss", "unknown key", "did you mean 'default_deadline_ms'"],
+    ),
+    ("unknown-section", ["[stagez.rag]", "enabled = true"], ["stagez", "unknown key", "did you mean 'stages'"]),
+    (
+        "wrong-type",
+        ["[stages.inference]", 'concurrency = "many"'],
+        ["stages.inference.concurrency", "valid integer", "'many'"],
+    ),
+    ("bad-value", ["[stages.rag]", "channel_capacity = 0"], ["stages.rag.channel_capacity", "greater than 0", "0"]),
+    (
+        "bad-enum",
+        ["[observability]", 'log_level = "loud"'],
+        ["observability.log_level", "'debug', 'info', 'warning' or 'error'", "'loud'"],
+    ),
+    (
+        "inference-disabled",
+        ["[stages.inference]", "enabled = false"],
+        ["stages.inference", "cannot be disabled"],
+    ),
+    ("section-not-a-table", ["pipeline = 3"], ["pipeline", "3"]),
+    ("invalid-toml", ["[pipeline", "name = 'x'"], ["invalid TOML"]),
+    ("unknown-worker", ["[stages.inference]", 'worker = "gpt-9000"'], ["stages.inference", "gpt-9000", "echo"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("lines", "fragments"), [(lines, f) for _, lines, f in BAD_FILES], ids=[n for n, _, _ in BAD_FILES]
+)
+def test_bad_config_file_exits_with_one_line_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lines: list[str], fragments: list[str]
+) -> None:
+    path = write_lines(tmp_path / "bad.toml", lines)
+    code, out, err = run_main(capsys, "--config", str(path))
+    assert code == EXIT_USAGE
+    assert out == ""
+    (line,) = error_lines(err)
+    assert line.startswith("mcp-orchestrator: ")
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} missing from {line!r}"
+
+
+def test_every_problem_of_a_file_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_lines(
+        tmp_path / "many.toml",
+        [
+            "[pipeline]",
+            "dead_letter_capacity = -1",
+            "[stages.assemble]",
+            "channel_capacity = 'lots'",
+            "[rate_limits]",
+            "enabeld = true",
+        ],
+    )
+    code, _, err = run_main(capsys, "--config", str(path))
+    lines = error_lines(err)
+    assert code == EXIT_USAGE
+    assert len(lines) == 3, lines
+    assert any("pipeline.dead_letter_capacity" in line for line in lines)
+    assert any("stages.assemble.channel_capacity" in line for line in lines)
+    assert any("rate_limits.enabeld" in line and "did you mean 'enabled'" in line for line in lines)
+    assert all(str(path) in line for line in lines)
+
+
+def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere.toml"
+    code, _, err = run_main(capsys, "--config", str(missing))
+    assert code == EXIT_USAGE
+    (line,) = error_lines(err)
+    assert str(missing) in line
+    assert "not found" in line
+
+
+def test_console_script_exits_non_zero_on_a_bad_file(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "bad.toml", ["[stages.inference]", "concurrency = 0", "temprature = 0.2"])
+    completed = run_cli("--config", str(path))
+    assert completed.returncode == EXIT_USAGE
+    assert completed.stdout == ""
+    lines = error_lines(completed.stderr)
+    assert len(lines) == 2, lines
+    assert any("stages.inference.concurrency" in line for line in lines)
+    assert any("stages.inference.temprature" in line and "did you mean 'temperature'" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--concurrency", "0"], ["--concurrency", "greater than 0"]),
+        (["--port", "70000"], ["--port", "65535"]),
+        (["--delay-ms", "-1"], ["--delay-ms", "greater than or equal to 0"]),
+        (["--worker", "gpt-9000"], ["gpt-9000", "echo"]),
+    ],
+)
+def test_bad_flag_values_are_named(capsys: pytest.CaptureFixture[str], argv: list[str], fragments: list[str]) -> None:
+    code, out, err = run_main(capsys, *argv)
+    assert code == EXIT_USAGE
+    assert out == ""
+    (line,) = error_lines(err)
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} missing from {line!r}"
+
+
+# ---------------------------------------------------------------------------- resolution
+
+
+def test_check_config_prints_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = resolved(capsys)
+    assert settings["server"]["transport"] == "stdio"
+    assert settings["server"]["host"] == "127.0.0.1"
+    assert settings["stages"]["inference"]["worker"] == "echo"
+    capacities = [settings["stages"][name]["channel_capacity"] for name in ("rag", "assemble", "inference")]
+    assert capacities == [512, 512, 1024]
+    assert settings["stages"]["post_process"]["channel_capacity"] == 512
+    assert settings["stages"]["stream"]["channel_capacity"] == 256
+    assert settings["stages"]["inference"]["concurrency"] == 64
+    assert settings["pipeline"]["dead_letter_capacity"] == 1000
+
+
+def test_flags_override_the_file_and_the_rest_of_the_file_stays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_lines(
+        tmp_path / "settings.toml",
+        [
+            "[stages.inference]",
+            'model = "from-file"',
+            "concurrency = 5",
+            "channel_capacity = 33",
+            "[server]",
+            "port = 9000",
+            'allowed_hosts = ["file.example"]',
+            "[observability]",
+            'log_level = "error"',
+        ],
+    )
+    settings = resolved(
+        capsys,
+        "--config",
+        str(path),
+        "--model",
+        "from-flag",
+        "--port",
+        "9100",
+        "--allowed-host",
+        "flag.example",
+        "--log-level",
+        "debug",
+    )
+    inference = settings["stages"]["inference"]
+    assert inference["model"] == "from-flag"
+    assert inference["concurrency"] == 5
+    assert inference["channel_capacity"] == 33
+    assert settings["server"]["port"] == 9100
+    assert settings["server"]["allowed_hosts"] == ["file.example", "flag.example"]
+    assert settings["observability"]["log_level"] == "debug"
+
+
+def test_check_config_through_the_console_script(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "ok.toml", ["[pipeline]", "max_prompt_chars = 1234"])
+    completed = run_cli("--config", str(path), "--concurrency", "3", "--check-config")
+    assert completed.returncode == 0, completed.stderr
+    settings = json.loads(completed.stdout)
+    assert settings["pipeline"]["max_prompt_chars"] == 1234
+    assert settings["stages"]["inference"]["concurrency"] == 3
+
+
+def test_non_loopback_host_needs_allowed_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(capsys, "--transport", "http", "--host", "0.0.0.0", "--check-config")
+    assert code == EXIT_USAGE
+    assert out == ""
+    (line,) = error_lines(err)
+    assert "0.0.0.0" in line
+    assert "loopback" in line
+    assert "--allowed-host" in line
+
+    settings = resolved(capsys, "--transport", "http", "--host", "0.0.0.0", "--allowed-host", "box.lan")
+    assert settings["server"]["host"] == "0.0.0.0"
+    assert settings["server"]["allowed_hosts"] == ["box.lan"]
+
+
+def test_non_loopback_refusal_from_the_console_script() -> None:
+    completed = run_cli("--transport", "http", "--host", "192.0.2.10", "--port", "0")
+    assert completed.returncode == EXIT_USAGE
+    assert "--allowed-host" in completed.stderr
+    assert completed.stdout == ""
+
+
+def test_metrics_port_on_a_non_loopback_host_needs_allowed_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(capsys, "--metrics-port", "9464", "--host", "0.0.0.0", "--check-config")
+    assert code == EXIT_USAGE
+    assert out == ""
+    assert "--allowed-host" in err

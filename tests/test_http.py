@@ -1,0 +1,201 @@
+"""The console script serving streamable HTTP on a free loopback port: MCP, /healthz, /metrics,
+DNS-rebinding protection and the optional bearer token."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from tests.support_processes import HttpServer, http_server
+
+pytestmark = pytest.mark.anyio
+
+SESSION_TIMEOUT_S = 60.0
+TOKEN = "test-token-0123456789"
+STAGES = ["rag", "assemble", "inference", "post_process", "stream"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
+    with http_server("--worker", "echo", "--model", "http-echo", workdir=tmp_path_factory.mktemp("http")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
+    with http_server("--worker", "echo", token=TOKEN, workdir=tmp_path_factory.mktemp("http-token")) as running:
+        yield running
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> httpx2.Response:
+    with httpx2.Client(timeout=10.0) as http:
+        return http.get(url, headers=headers or {})
+
+
+def post_initialize(url: str, headers: dict[str, str]) -> httpx2.Response:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+    }
+    with httpx2.Client(timeout=10.0) as http:
+        return http.post(
+            url,
+            json=body,
+            headers={"Accept": "application/json, text/event-stream", "Content-Type": "application/json"} | headers,
+        )
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text format, e.g. metric(t, "x_total", 'outcome="completed"')."""
+    selector = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "")
+    match = re.search(rf"^{selector} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"{name}{{{labels}}} not in metrics"
+    return float(match.group(1))
+
+
+# ---------------------------------------------------------------------------- MCP over HTTP
+
+
+async def test_tools_list_and_infer_with_progress_over_http(server: HttpServer) -> None:
+    progress: list[str] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(message or "")
+
+    with anyio.fail_after(SESSION_TIMEOUT_S):
+        async with Client(server.mcp_url) as client:
+            listing = await client.list_tools()
+            result = await client.call_tool(
+                "infer", {"prompt": "served over streamable http"}, progress_callback=on_progress
+            )
+            bad = await client.call_tool("dead_letters", {"limit": 0})
+    assert {"infer", "pipeline_status", "dead_letters", "replay_dead_letter", "configure_worker"} <= {
+        tool.name for tool in listing.tools
+    }
+    assert not result.is_error, result.content
+    assert result.content[0].text == "served over streamable http"
+    assert result.structured_content is not None
+    assert result.structured_content["model"] == "http-echo"
+    assert progress == ["served", " over", " streamable", " http"]
+    assert bad.is_error
+    assert "limit" in bad.content[0].text
+
+
+async def test_legacy_handshake_client_over_http(server: HttpServer) -> None:
+    with anyio.fail_after(SESSION_TIMEOUT_S):
+        async with Client(server.mcp_url, mode="legacy") as client:
+            result = await client.call_tool("infer", {"prompt": "old school"})
+    assert result.content[0].text == "old school"
+
+
+# ---------------------------------------------------------------------------- health and metrics
+
+
+def test_healthz_reports_the_running_pipeline(server: HttpServer) -> None:
+    response = get(f"{server.base_url}/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["worker"]["model"] == "http-echo"
+    assert body["in_flight"] == 0
+
+
+async def test_metrics_count_completed_requests_and_show_queue_depths(server: HttpServer) -> None:
+    with anyio.fail_after(SESSION_TIMEOUT_S):
+        async with Client(server.mcp_url) as client:
+            before = (await client.call_tool("pipeline_status", {})).structured_content
+            scraped_before = get(f"{server.base_url}/metrics").text
+            for index in range(3):
+                assert not (await client.call_tool("infer", {"prompt": f"metered {index}"})).is_error
+            after = (await client.call_tool("pipeline_status", {})).structured_content
+    response = get(f"{server.base_url}/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert before is not None and after is not None
+    completed_label = 'outcome="completed"'
+    assert metric(scraped_before, "orchestrator_requests_total", completed_label) == before["totals"]["completed"]
+    assert metric(text, "orchestrator_requests_total", completed_label) == after["totals"]["completed"]
+    assert after["totals"]["completed"] == before["totals"]["completed"] + 3
+    assert after["reconciles"] is True
+    for stage in STAGES:
+        assert metric(text, "orchestrator_queue_depth", f'stage="{stage}"') == 0
+        assert f'orchestrator_requests_shed_total{{stage="{stage}"}}' in text
+    assert "orchestrator_stage_duration_seconds_bucket" in text
+
+
+# ---------------------------------------------------------------------------- DNS-rebinding protection
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics"])
+def test_foreign_host_and_origin_are_refused_on_plain_routes(server: HttpServer, path: str) -> None:
+    url = f"{server.base_url}{path}"
+    assert get(url, {"Host": "evil.example"}).status_code == 421
+    assert get(url, {"Origin": "http://evil.example"}).status_code == 403
+    assert get(url, {"Host": f"localhost:{server.port}"}).status_code == 200
+    assert get(url, {"Origin": f"http://127.0.0.1:{server.port}"}).status_code == 200
+
+
+def test_foreign_host_and_origin_are_refused_on_mcp(server: HttpServer) -> None:
+    assert post_initialize(server.mcp_url, {"Host": "evil.example"}).status_code == 421
+    assert post_initialize(server.mcp_url, {"Origin": "http://evil.example"}).status_code == 403
+    allowed = post_initialize(server.mcp_url, {"Origin": f"http://localhost:{server.port}"})
+    assert allowed.status_code == 200, allowed.text
+
+
+# ---------------------------------------------------------------------------- bearer token
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/metrics"])
+def test_token_guards_plain_routes(guarded_server: HttpServer, path: str) -> None:
+    url = f"{guarded_server.base_url}{path}"
+    missing = get(url)
+    assert missing.status_code == 401
+    assert missing.headers.get("www-authenticate") == "Bearer"
+    assert get(url, {"Authorization": "Bearer wrong"}).status_code == 401
+    assert get(url, {"Authorization": TOKEN}).status_code == 401
+    assert get(url, guarded_server.auth_headers()).status_code == 200
+
+
+def test_token_guards_mcp(guarded_server: HttpServer) -> None:
+    assert post_initialize(guarded_server.mcp_url, {}).status_code == 401
+    assert post_initialize(guarded_server.mcp_url, {"Authorization": "Bearer nope"}).status_code == 401
+    assert post_initialize(guarded_server.mcp_url, guarded_server.auth_headers()).status_code == 200
+
+
+async def test_mcp_client_with_the_token_works(guarded_server: HttpServer) -> None:
+    with anyio.fail_after(SESSION_TIMEOUT_S):
+        async with (
+            httpx2.AsyncClient(headers=guarded_server.auth_headers(), timeout=30.0) as http,
+            Client(streamable_http_client(guarded_server.mcp_url, http_client=http)) as client,
+        ):
+            result = await client.call_tool("infer", {"prompt": "with a token"})
+    assert not result.is_error, result.content
+    assert result.content[0].text == "with a token"
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside a (possibly nested) exception group."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
+async def test_mcp_client_without_the_token_is_refused(guarded_server: HttpServer) -> None:
+    with anyio.fail_after(SESSION_TIMEOUT_S), pytest.raises(BaseException) as caught:
+        async with Client(guarded_server.mcp_url) as client:
+            await client.list_tools()
+    assert any(isinstance(leaf, MCPError) for leaf in leaves(caught.value)), caught.value
+
+
+def test_server_logs_went_to_its_stderr(server: HttpServer) -> None:
+    assert "MCP at http://127.0.0.1:" in server.stderr()
