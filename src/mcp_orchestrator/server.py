@@ -30,6 +30,7 @@ from mcp_orchestrator.models import (
     Priority,
     Submission,
 )
+from mcp_orchestrator.tool_guard import ToolArgumentGuard
 from mcp_orchestrator.workers.base import WorkerError
 from mcp_orchestrator.workers.registry import WorkerSpecError, build_worker, kinds
 
@@ -131,6 +132,8 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
         stream fails instead of being retried (a retry would repeat the text).
         """
         _require_text("prompt", prompt)
+        _require_text("system", system)
+        _require_text("session_id", session_id)
         submission = Submission(
             prompt=prompt,
             session_id=session_id,
@@ -295,15 +298,39 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
             kind=worker.kind, model=worker.model, previous=previous.describe(), settings=worker.describe()
         )
 
+    server.middleware.append(ToolArgumentGuard(server))
     return server
 
 
-async def _run_with_progress(orchestrator: "Orchestrator", submission: Submission, ctx: Context) -> InferResult:
-    """Run `submission`, forwarding chunks as progress notifications.
+def _progress_requested(ctx: Context) -> bool:
+    """Whether the caller passed a progress token (or, in process, a progress callback)."""
+    request = ctx.request_context
+    if request.meta and request.meta.get("progress_token") is not None:
+        return True
+    params_meta = (request.params or {}).get("_meta")
+    if isinstance(params_meta, dict) and params_meta.get("progressToken") is not None:
+        return True
+    # The SDK's in-process dispatcher (mcp.Client(server)) carries the callback itself, not a
+    # token, behind wrapper contexts; the in-memory progress test catches it if this private
+    # detail of SDK 2.3 ever changes.
+    outbound = getattr(request.session, "_request_outbound", None)
+    for _ in range(4):
+        if outbound is None:
+            return False
+        if getattr(outbound, "_on_progress", None) is not None:
+            return True
+        outbound = getattr(outbound, "_inner", None)
+    return False
 
-    Always forwarded: whether the caller asked for progress is known only to the
-    transport (report_progress is a no-op without a progress token).
-    """
+
+async def _run_with_progress(orchestrator: "Orchestrator", submission: Submission, ctx: Context) -> InferResult:
+    """Run `submission`, forwarding chunks as progress notifications when the caller asked for them."""
+    if not _progress_requested(ctx):
+        # The common case for plain tool calls: no forwarding task, no extra stream.
+        try:
+            return await orchestrator.infer(submission)
+        except OrchestratorError as exc:
+            raise _tool_error(exc) from None
     send, receive = anyio.create_memory_object_stream[str](PROGRESS_BUFFER)
 
     def on_chunk(text: str) -> None:
