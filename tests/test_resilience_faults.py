@@ -64,8 +64,14 @@ async def serving(config: Config) -> AsyncIterator[tuple[Orchestrator, Client, F
         assert orchestrator.pipeline.reconciles(), orchestrator.status().totals
 
 
-async def infer(client: Client, prompt: str = "Say hi", **arguments: Any) -> Any:
-    return await client.call_tool("infer", {"prompt": prompt, **arguments})
+async def infer(client: Client, prompt: str = "Say hi", *, watch: bool = False, **arguments: Any) -> Any:
+    """Call infer; with `watch`, ask for progress, so chunks reach the caller while they arrive."""
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        return None
+
+    callback = on_progress if watch else None
+    return await client.call_tool("infer", {"prompt": prompt, **arguments}, progress_callback=callback)
 
 
 def answer(result: Any) -> dict[str, Any]:
@@ -271,10 +277,20 @@ async def test_a_stalled_stream_is_cut_by_the_read_timeout(scripted_faults: Scri
     name = label("stall")
     scripted_faults.script(name, "stall:2", "ok")
     async with serving(with_read_timeout(config_for(open_ai_at(scripted_faults, name)))) as (_, client, _clock):
-        message = error_text(await infer(client, "Count to ten"))
+        message = error_text(await infer(client, "Count to ten", watch=True))
     assert "sent nothing within the read timeout" in message
-    assert "not retried" in message  # text had reached the caller
+    assert "not retried" in message  # text had reached the caller as progress
     assert scripted_faults.generations(name) == 1
+
+
+async def test_a_stalled_stream_nobody_watched_is_retried(scripted_faults: ScriptedFaultServer) -> None:
+    """Without a progress token no chunk reached the caller, so starting over repeats nothing."""
+    name = label("stall-quiet")
+    scripted_faults.script(name, "stall:2", "ok")
+    async with serving(with_read_timeout(config_for(open_ai_at(scripted_faults, name)))) as (_, client, _clock):
+        data = answer(await infer(client, "Count to ten"))
+    assert data["attempts"] == 2
+    assert scripted_faults.generations(name) == 2
 
 
 async def test_a_stall_before_any_text_is_retried(scripted_faults: ScriptedFaultServer) -> None:

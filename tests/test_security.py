@@ -106,10 +106,22 @@ def test_redact_blanks_secret_values_and_url_passwords() -> None:
     assert redact_text("no url here") == "no url here"
 
 
+def test_distributed_redis_url_is_refused_without_echoing_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Redis sharing is not implemented: saying so beats silently running single-process."""
+    path = tmp_path / "config.toml"
+    path.write_text('[distributed]\nredis_url = "redis://:TOPSECRET-redis@cache:6379/0"\n', encoding="utf-8")
+    code = main(["--config", str(path), "--check-config"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "distributed: redis_url: distributed mode" in err
+    assert "TOPSECRET" not in out + err
+
+
 def test_check_config_prints_resolved_settings_redacted(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(
-        '[distributed]\nredis_url = "redis://:TOPSECRET-redis@cache:6379/0"\n'
         '[stages.inference]\nworker = "llama_cpp"\nbase_url = "http://user:TOPSECRET-url@127.0.0.1:9/"\n'
         "[resilience]\ncircuit_breaker_threshold = 3\n"
         '[security]\nallowed_hosts = ["localhost", "*.corp.example"]\n',
@@ -120,7 +132,6 @@ def test_check_config_prints_resolved_settings_redacted(capsys: pytest.CaptureFi
     assert code == 0, err
     assert "TOPSECRET" not in out + err
     settings = json.loads(out)
-    assert settings["distributed"]["redis_url"] == f"redis://:{REDACTED}@cache:6379/0"
     assert settings["resilience"] == {**Config().resilience.model_dump(), "circuit_breaker_threshold": 3}
     assert settings["security"] == {"allow_configure": True, "allowed_hosts": ["localhost", "*.corp.example"]}
 

@@ -191,8 +191,21 @@ class ObservabilitySection(_Section):
 
 
 class DistributedSection(_Section):
+    """Reserved for sharing cache, coalescing and rate limits across processes through Redis.
+
+    Not implemented yet: setting redis_url is refused rather than silently ignored."""
+
     redis_url: str | None = None
     node_id: str | None = None
+
+    @model_validator(mode="after")
+    def _not_implemented(self) -> DistributedSection:
+        if self.redis_url is not None:
+            raise ValueError(
+                "redis_url: distributed mode (cache and coalescing shared through Redis) is not implemented "
+                "in this version; remove the key to run a single process"
+            )
+        return self
 
 
 class ServerSection(_Section):

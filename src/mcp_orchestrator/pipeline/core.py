@@ -16,9 +16,8 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import anyio
@@ -28,7 +27,6 @@ from prometheus_client.core import Metric
 
 from mcp_orchestrator.config import Config
 from mcp_orchestrator.errors import (
-    CircuitOpen,
     DeadlineExceeded,
     OrchestratorError,
     PipelineNotRunning,
@@ -37,7 +35,7 @@ from mcp_orchestrator.errors import (
     StageTimeout,
     WorkerFailed,
 )
-from mcp_orchestrator.metrics import Metrics, counter, gauge
+from mcp_orchestrator.metrics import Metrics, gauge
 from mcp_orchestrator.models import (
     STAGE_ORDER,
     BreakerStatus,
@@ -46,7 +44,6 @@ from mcp_orchestrator.models import (
     Outcome,
     Percentiles,
     PipelineStatus,
-    Provenance,
     StageName,
     StageStatus,
     StageTimings,
@@ -55,24 +52,20 @@ from mcp_orchestrator.models import (
     Usage,
 )
 from mcp_orchestrator.pipeline.admission import Admission
+from mcp_orchestrator.pipeline.breakers import Breakers
 from mcp_orchestrator.pipeline.coalesce import CachedAnswer, Flight, FlightTable, answer_key
 from mcp_orchestrator.pipeline.dead_letters import DeadLetterQueue
 from mcp_orchestrator.pipeline.guard import (
     GuardedWorker,
-    Trace,
-    backend_name,
-    guard,
-    is_circuit_open,
     leaves,
-    start_trace,
 )
+from mcp_orchestrator.pipeline.inference import InferenceCall
 from mcp_orchestrator.pipeline.priority import PriorityQueue, QueueFull
 from mcp_orchestrator.pipeline.request import ChunkSink, Request
 from mcp_orchestrator.pipeline.stages import ContextSource, assemble_messages, post_process, trim_context
-from mcp_orchestrator.resilience.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from mcp_orchestrator.resilience.cache import ResultCache
-from mcp_orchestrator.resilience.retry import AnyioClock, Clock, RetryPolicy, Verdict, call_with_retries
-from mcp_orchestrator.workers.base import Chunk, Worker, WorkerError, WorkerRequest
+from mcp_orchestrator.resilience.retry import AnyioClock, Clock
+from mcp_orchestrator.workers.base import Worker
 
 log = logging.getLogger(__name__)
 
@@ -113,44 +106,6 @@ class _Lease:
     retired: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class _StageBudget:
-    """When the inference stage of one request must end (on the pipeline's clock), and why."""
-
-    end: float
-    timeout_ms: int
-    stage_binds: bool
-    """True when the stage timeout comes before the request's deadline."""
-    deadline_ms: float
-
-
-@dataclass(slots=True)
-class _Answer:
-    """What one successful call produced."""
-
-    parts: list[str] = field(default_factory=list)
-    usage: Usage | None = None
-    finish_reason: str | None = None
-
-
-class _OutOfTime(Exception):
-    """The stage timeout or the request's deadline ended the inference: final, never retried."""
-
-    def __init__(self, error: OrchestratorError, reason: DeadLetterReason) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.reason = reason
-
-
-_STATE_VALUE = {BreakerState.closed: 0, BreakerState.half_open: 1, BreakerState.open: 2}
-
-
-def _all_open(worker: Worker) -> bool:
-    """Whether every backend inside `worker` is behind a breaker that refuses calls now."""
-    members = leaves(worker)
-    return bool(members) and not any(member.available for member in members)
-
-
 @dataclass
 class _Queues:
     """The stage inputs. Memory object streams, except the priority queue before inference."""
@@ -173,9 +128,9 @@ class Pipeline:
         self.config = config
         self.clock: Clock = clock or AnyioClock()
         """Time for retry waits and breaker timeouts (injectable, so tests need not sleep)."""
-        self.breakers: dict[str, CircuitBreaker] = {}
         self.context_source = context_source
         self.metrics = metrics or Metrics()
+        self.breakers = Breakers(lambda: self.config.resilience, self.clock, self.metrics)
         self.dead_letters = DeadLetterQueue(config.pipeline.dead_letter_capacity)
         self.counters = Counters()
         self.stage_counters = {stage: StageCounters() for stage in STAGE_ORDER}
@@ -658,60 +613,26 @@ class Pipeline:
                 self._close_later(lease.worker)
 
     async def _call_worker(self, request: Request, worker: Worker) -> None:
-        """Call the (guarded) worker with retries, inside the stage timeout and the deadline.
-
-        Retries only retryable failures, and only while no chunk has reached the caller:
-        a retry starts the answer from scratch, and a caller who already got half of it
-        would see it repeated or spliced, so a stream that breaks after forwarding text
-        fails with a clear error instead.
-        """
-        section = self.config.stages.inference
-        submission = request.submission
-        # Only the call's own parameters: the worker layers them over its configure_worker
-        # settings, which already sit over the config's [stages.inference] defaults.
-        call = WorkerRequest(request.messages, submission.params, request.id, submission.session_id)
+        """Run the request's backend call (retries, breakers, timeouts: see inference.py) and
+        hand the answer on, or fail the request with the error the caller should see."""
         request.worker, request.model = worker.kind, worker.model
-        trace = start_trace()
-        # The stage ends at its timeout or at the request's deadline, whichever comes first.
-        # Kept on self.clock, the clock the retry waits run on; cancel scopes use the loop's.
-        left_s = request.deadline - anyio.current_time()
-        stage = _StageBudget(
-            end=self.clock.now() + min(left_s, section.timeout_ms / 1000),
-            timeout_ms=section.timeout_ms,
-            stage_binds=section.timeout_ms / 1000 < left_s,
-            deadline_ms=submission.deadline_ms or self.config.pipeline.default_deadline_ms,
-        )
-        answer: _Answer | None = None
-        error: OrchestratorError | None = None
-        reason = DeadLetterReason.worker_error
+        call = InferenceCall(request, worker, self.config, self.clock, self.metrics)
+        outcome = None
         with anyio.CancelScope() as scope:  # settle() cancels it when the caller gives up
             request.inference_scope = scope
-            try:
-                answer = await call_with_retries(
-                    partial(self._attempt, request, worker, call, trace, stage),
-                    policy=self._retry_policy(),
-                    deadline=stage.end,
-                    clock=self.clock,
-                    judge=partial(self._judge, trace, worker),
-                    on_retry=partial(self._on_retry, request, trace),
-                )
-            except _OutOfTime as exc:
-                error, reason = exc.error, exc.reason
-            except WorkerError as exc:
-                error = self._worker_failure(exc, trace, worker)
-            except Exception as exc:
-                log.exception("worker %s raised on request %s", worker.kind, request.id)
-                error = WorkerFailed(f"{worker.kind} worker error: {exc}")
+            outcome = await call.run()
         request.inference_scope = None
-        request.attempts = trace.attempts
-        if request.finished:  # the caller gave up (deadline or cancellation) while we worked
+        request.attempts = call.trace.attempts
+        if request.finished or outcome is None:  # the caller gave up (deadline or cancellation)
             return
-        if error is not None or answer is None:
-            self._fail(request, error or WorkerFailed(f"{worker.kind}: no answer"), reason)
+        if outcome.error is not None or outcome.answer is None:
+            error = outcome.error or WorkerFailed(f"{worker.kind}: no answer")
+            self._fail(request, error, outcome.reason)
             return
+        answer = outcome.answer
         request.text = "".join(answer.parts)
         request.usage, request.finish_reason = answer.usage, answer.finish_reason
-        request.provenance = self._provenance(trace, worker)
+        request.provenance = call.provenance()
         usage = request.usage or Usage()
         self.tokens.input_tokens += usage.input_tokens
         self.tokens.output_tokens += usage.output_tokens
@@ -719,202 +640,24 @@ class Pipeline:
         self.metrics.tokens.labels("output").inc(usage.output_tokens)
         self._forward(request, StageName.post_process, anyio.current_time())
 
-    async def _attempt(
-        self, request: Request, worker: Worker, call: WorkerRequest, trace: Trace, stage: _StageBudget, retry: int
-    ) -> _Answer:
-        """One call of the worker, bounded by the attempt timeout and what is left of the stage."""
-        remaining = stage.end - self.clock.now()
-        if remaining <= 0:
-            raise self._out_of_time(stage)
-        limit_ms = self.config.resilience.attempt_timeout_ms
-        own_limit = limit_ms is not None and limit_ms / 1000 < remaining
-        budget = limit_ms / 1000 if own_limit and limit_ms is not None else remaining
-        loop_deadline = anyio.current_time() + budget
-        # A timeout of ours is the backend's fault; the caller's own deadline is not.
-        trace.begin_attempt(loop_deadline if own_limit or stage.stage_binds else None)
-        answer = _Answer()
-        sink = request.on_chunk
-        with anyio.CancelScope(deadline=loop_deadline) as scope:
-            async with aclosing(worker.generate(call)) as chunks:
-                async for chunk in chunks:
-                    self._take(answer, chunk, trace, sink)
-        trace.blame_after = None
-        if not scope.cancelled_caught:
-            return answer
-        if own_limit:
-            name = trace.active.name if trace.active is not None else backend_name(worker)
-            error = WorkerError(name, f"no complete answer within {limit_ms} ms (resilience.attempt_timeout_ms)", True)
-            if trace.active is not None:
-                trace.record(trace.active, error)
-            raise error
-        raise self._out_of_time(stage)
-
-    @staticmethod
-    def _take(answer: _Answer, chunk: Chunk, trace: Trace, sink: ChunkSink | None) -> None:
-        if chunk.text:
-            answer.parts.append(chunk.text)
-            if sink is not None:
-                sink(chunk.text)
-                trace.forwarded += 1
-        if chunk.usage is not None:
-            answer.usage = chunk.usage
-        if chunk.finish_reason is not None:
-            answer.finish_reason = chunk.finish_reason
-
-    def _out_of_time(self, stage: _StageBudget) -> _OutOfTime:
-        if stage.stage_binds:
-            return _OutOfTime(StageTimeout(StageName.inference.value, stage.timeout_ms), DeadLetterReason.stage_timeout)
-        return _OutOfTime(
-            DeadlineExceeded(stage.deadline_ms, StageName.inference.value),
-            DeadLetterReason.deadline_exceeded,
-        )
-
-    @staticmethod
-    def _judge(trace: Trace, worker: Worker, error: BaseException) -> Verdict | None:
-        """Whether a failed call may be retried. None: not a backend failure, let it through.
-
-        Never retried: permanent errors, a stream that already reached the caller, and
-        open breakers (they exist to fail fast, not to make callers wait them out).
-        """
-        if not isinstance(error, WorkerError):
-            return None
-        if not error.retryable or trace.forwarded or is_circuit_open(error) or _all_open(worker):
-            return Verdict(False)
-        return Verdict(True, error.retry_after_s)
-
-    def _on_retry(self, request: Request, trace: Trace, retry: int, error: BaseException, wait_s: float) -> None:
-        trace.retries += 1
-        name = trace.active.name if trace.active is not None else request.worker
-        self.metrics.retries.labels(name).inc()
-        log.info("request %s: retry %d in %.3f s after: %s", request.id, retry + 1, wait_s, error)
-
-    def _worker_failure(self, error: WorkerError, trace: Trace, worker: Worker) -> OrchestratorError:
-        """The error the caller sees for a worker failure we stopped retrying."""
-        if is_circuit_open(error):
-            return CircuitOpen(error.backend, error.retry_after_s or 0.0)
-        if _all_open(worker) and not trace.attempt_reached_a_backend:  # a pool or chain with nobody left
-            members = leaves(worker)
-            wait = min(member.breaker.retry_after_s() for member in members)
-            return CircuitOpen(f"{worker.kind} (all {len(members)} members)", wait)
-        message = str(error)
-        if trace.forwarded and error.retryable:
-            message += (
-                f"; not retried: {trace.forwarded} chunk(s) had already been streamed to the caller "
-                "and a retry would repeat them"
-            )
-        elif error.retryable:
-            allowed = self.config.resilience.retry_attempts
-            why = (
-                f"resilience.retry_attempts = {allowed} used up"
-                if trace.retries >= allowed
-                else "waiting to retry would pass the request's deadline or the stage timeout"
-            )
-            message += f" (gave up after {trace.attempts} call(s): {why})"
-        return WorkerFailed(message)
-
-    def _provenance(self, trace: Trace, worker: Worker) -> Provenance:
-        answered = trace.answered_by
-        return Provenance(
-            worker=answered.name if answered is not None else backend_name(worker),
-            attempts=trace.attempts,
-            retries=trace.retries,
-            fallbacks=list(trace.hops),
-            breaker=(answered.breaker.state if answered is not None else BreakerState.closed).value,
-        )
-
-    # ------------------------------------------------------------------ breakers and retry settings
-
-    def _retry_policy(self) -> RetryPolicy:
-        section = self.config.resilience
-        return RetryPolicy(section.retry_attempts, section.retry_base_ms / 1000, section.retry_max_ms / 1000)
-
-    def _breaker_settings(self) -> BreakerSettings:
-        section = self.config.resilience
-        return BreakerSettings(
-            section.circuit_breaker_threshold,
-            section.circuit_breaker_timeout_s,
-            section.circuit_breaker_success_rate,
-            section.circuit_breaker_probes,
-        )
-
-    def breaker_for(self, name: str) -> CircuitBreaker:
-        """The breaker of backend `name`, kept across worker swaps so its history survives."""
-        breaker = self.breakers.get(name)
-        if breaker is None:
-            breaker = CircuitBreaker(name, self._breaker_settings(), now=self.clock.now, on_change=self._breaker_moved)
-            self.breakers[name] = breaker
-        return breaker
+    # ------------------------------------------------------------------ breakers
 
     def _new_lease(self, worker: Worker) -> _Lease:
-        guarded = guard(worker, self.breaker_for)
-        current = {leaf.name for leaf in leaves(guarded)}
-        if hasattr(self, "_lease"):
-            current |= {leaf.name for leaf in leaves(self._lease.guarded)}  # still finishing requests
-        for name in set(self.breakers) - current:
-            del self.breakers[name]
-        return _Lease(worker, guarded)
+        still_running = self._lease.guarded if hasattr(self, "_lease") else None
+        return _Lease(worker, self.breakers.guard(worker, still_running))
 
     def apply_resilience(self) -> None:
         """Push the current [resilience] settings into the live breakers (config reload)."""
-        settings = self._breaker_settings()
-        for breaker in self.breakers.values():
-            breaker.update(settings)
-
-    def _breaker_moved(self, name: str, old: BreakerState, new: BreakerState) -> None:
-        self.metrics.breaker_transitions.labels(name, new.value).inc()
-        breaker = self.breakers.get(name)
-        if new is BreakerState.open and breaker is not None:
-            log.warning(
-                "circuit breaker for %s opened (was %s): failing fast for %g s",
-                name,
-                old.value,
-                breaker.settings.timeout_s,
-            )
-        else:
-            log.warning("circuit breaker for %s: %s -> %s", name, old.value, new.value)
+        self.breakers.apply_settings()
 
     def current_breakers(self) -> list[GuardedWorker]:
         return leaves(self._lease.guarded)
 
     def breaker_status(self) -> list[BreakerStatus]:
-        statuses = []
-        for leaf in self.current_breakers():
-            snap = leaf.breaker.snapshot()
-            statuses.append(
-                BreakerStatus(
-                    name=snap.name,
-                    state=snap.state.value,
-                    consecutive_failures=snap.consecutive_failures,
-                    successes=snap.successes,
-                    failures=snap.failures,
-                    rejected=snap.rejected,
-                    times_opened=snap.times_opened,
-                    retry_after_s=snap.retry_after_s,
-                    probes_in_flight=snap.probes_in_flight,
-                )
-            )
-        return statuses
+        return self.breakers.status(self._lease.guarded)
 
     def _breaker_gauges(self) -> Iterable[Metric]:
-        snaps = [leaf.breaker.snapshot() for leaf in self.current_breakers()]
-        yield gauge(
-            "orchestrator_circuit_breaker_state",
-            "Circuit breaker state per backend: 0 closed, 1 half-open, 2 open",
-            ["worker"],
-            (([snap.name], float(_STATE_VALUE[snap.state])) for snap in snaps),
-        )
-        yield gauge(
-            "orchestrator_circuit_breaker_consecutive_failures",
-            "Consecutive retryable failures counted by each closed breaker",
-            ["worker"],
-            (([snap.name], float(snap.consecutive_failures)) for snap in snaps),
-        )
-        yield counter(
-            "orchestrator_circuit_breaker_rejections",
-            "Calls refused by an open breaker without touching the backend",
-            ["worker"],
-            (([snap.name], float(snap.rejected)) for snap in snaps),
-        )
+        return self.breakers.gauges(self.current_breakers())
 
     # ------------------------------------------------------------------ worker swap
 
