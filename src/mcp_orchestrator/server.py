@@ -9,8 +9,10 @@ Deliberately no `from __future__ import annotations`: the SDK evaluates the tool
 signatures, whose constraints use values from the config.
 """
 
+import inspect
 import logging
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from mcp_orchestrator.app import Orchestrator
 
 log = logging.getLogger(__name__)
+_Tool = TypeVar("_Tool", bound=Callable[..., Any])
 
 INSTRUCTIONS = (
     "Runs prompts through a production LLM pipeline (RAG -> assemble -> inference -> "
@@ -87,7 +90,15 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
         log_level=config.observability.log_level.upper(),  # type: ignore[arg-type]
     )
 
-    @server.tool(
+    def tool(**options: Any) -> Callable[[_Tool], _Tool]:
+        """server.tool with the docstring dedented: clients show the description as it is."""
+
+        def register(function: _Tool) -> _Tool:
+            return server.tool(description=inspect.cleandoc(function.__doc__ or ""), **options)(function)
+
+        return register
+
+    @tool(
         title="Run a prompt through the LLM pipeline",
         annotations=ToolAnnotations(
             read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True
@@ -152,7 +163,7 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
             structured_content=result.model_dump(mode="json"),
         )
 
-    @server.tool(
+    @tool(
         title="Pipeline status",
         annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
     )
@@ -163,7 +174,7 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
         refused, seconds until it lets probes through)."""
         return orchestrator.status()
 
-    @server.tool(
+    @tool(
         title="List dead letters",
         annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
     )
@@ -183,7 +194,7 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
             entries=queue.list(limit, reason=reason, session_id=session_id), total=len(queue), capacity=queue.capacity
         )
 
-    @server.tool(
+    @tool(
         title="Replay a dead letter",
         annotations=ToolAnnotations(
             read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
@@ -203,7 +214,7 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
             structured_content=result.model_dump(mode="json"),
         )
 
-    @server.tool(
+    @tool(
         title="Configure the inference worker",
         annotations=ToolAnnotations(
             read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
