@@ -181,7 +181,12 @@ def report(times: dict[str, list[float]], answers: dict[str, Any], has_peer: boo
     base = percentile(times["direct"], 0.5)
     for name in times:
         if name != "direct":
-            row(f"added p50 ms: {labels[name]}", f"{percentile(times[name], 0.5) - base:+.2f}")
+            # Per round, this call minus the direct one of the same round: the two saw the same noise.
+            paired = [mine - direct for mine, direct in zip(times[name], times["direct"], strict=True)]
+            row(
+                f"added p50 ms: {labels[name]}",
+                f"{percentile(times[name], 0.5) - base:+.2f} (paired median {percentile(paired, 0.5):+.2f})",
+            )
     if not has_peer:
         row("litellm Router", "not installed: skipped (pip install litellm to add it)")
     added = percentile(times["mcp"], 0.5) - base

@@ -115,7 +115,10 @@ def llama_server(parallel: int = 4, threads: int = 2) -> Iterator[LlamaServer]:
             root = f"http://127.0.0.1:{port}"
             with log.open("wb") as sink:
                 process = subprocess.Popen(
-                    server_command(port, parallel, threads), stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    server_command(port, parallel, threads),
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
                 )
             try:
                 if _wait_until_ready(process, root, log):

@@ -72,15 +72,18 @@ async def test_infer_through_each_worker_kind(kind: str, llama: LlamaServer) -> 
         assert 0 < answer["usage"]["output_tokens"] <= 8
         assert answer["finish_reason"] in ("length", "stop")
 
-        again = await infer(client)
-        assert again["text"] == answer["text"]  # temperature 0 (+ seed where the API has one)
-        assert again["request_id"] != answer["request_id"]
+        # Temperature 0 (+ seed where the API has one) repeats. Compared once the server's
+        # prompt cache holds the prompt: a cold first evaluation can differ in the last bits.
+        again, third = await infer(client), await infer(client)
+        assert again["text"] == third["text"] != ""
+        assert again["request_id"] != third["request_id"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_non_streaming_mode_gives_the_same_answer(kind: str, llama: LlamaServer) -> None:
     url = base_url(kind, llama.root)
     async with running(config_for(kind, url)) as (_, client):
+        await infer(client)  # warm the server's prompt cache, as in the test above
         streamed = await infer(client)
     async with running(config_for(kind, url, stream=False)) as (_, client):
         whole = await infer(client)

@@ -268,3 +268,33 @@ async def test_chunks_from_composites_carry_their_route() -> None:
 async def _drain(worker: Any) -> None:
     async for _ in worker.generate(request()):
         pass
+
+
+def test_a_config_file_names_every_bad_member_on_its_own_line(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mcp_orchestrator.cli import EXIT_USAGE, main
+
+    path = tmp_path / "chain.toml"
+    path.write_text(
+        "[stages.inference]\nworker = 'fallback'\n"
+        "[[stages.inference.members]]\nkind = 'open_ai'\nbase_url = 'api.openai.com'\n"
+        "[[stages.inference.members]]\nkind = 'anthropic'\nseed = 3\n"
+        "[[stages.inference.members]]\nkind = 'llama_cpp'\nbase_url = 'http://127.0.0.1:8080'\n"
+    )
+    assert main(["--config", str(path), "--check-config"]) == EXIT_USAGE
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "mcp-orchestrator: stages.inference: members.0.base_url: must be an http:// or https:// URL with a host, "
+        "e.g. http://localhost:8080 (got 'api.openai.com')",
+        "mcp-orchestrator: stages.inference: members.1.seed: not an option of worker kind 'anthropic' (its options: "
+        "model, base_url, max_tokens, temperature, top_p, stop, system, stream, api_key_env)",
+    ]
+
+    path.write_text(
+        "[stages.inference]\nworker = 'pool'\nstrategy = 'least_loaded'\n"
+        "[[stages.inference.replicas]]\nkind = 'vllm'\nbase_url = 'http://10.0.0.12:8000/v1'\n"
+        "[[stages.inference.replicas]]\nkind = 'llama_cpp'\n"
+    )
+    assert main(["--config", str(path), "--check-config"]) == 0
+    capsys.readouterr()

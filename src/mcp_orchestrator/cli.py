@@ -138,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mcp-orchestrator: {exc.source}: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except WorkerSpecError as exc:
-        print(f"mcp-orchestrator: stages.inference: {exc}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"mcp-orchestrator: stages.inference: {problem}", file=sys.stderr)
         return EXIT_USAGE
     serves_http = config.server.transport == "http" or config.observability.metrics_port is not None
     if serves_http:  # checked before --check-config, which must not approve a refused bind

@@ -18,7 +18,7 @@ from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import key_hint
-from mcp_orchestrator.workers.transport import Endpoint, decode_event, ended_early, request_json, stream_events
+from mcp_orchestrator.workers.transport import Endpoint, decode_event, drain, ended_early, request_json, stream_events
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -117,6 +117,7 @@ async def read_messages_stream(
             input_tokens = _input_tokens(endpoint, usage, input_tokens)
         elif kind == "message_stop":
             stopped = True
+            await drain(events)
             break
     if not stopped:
         raise ended_early(endpoint, "message_stop")

@@ -1,5 +1,5 @@
-"""API keys: read from the environment (or the operator's config) and sent only to hosts
-the operator trusts with them.
+"""API keys: read from environment variables (the config file may only name which one)
+and sent only to hosts the operator trusts with them.
 
 A tool call can point a worker at any base_url; if the stored key followed it, one
 prompt-injected `configure_worker` call could send the key to an attacker. So a key
@@ -52,13 +52,9 @@ def resolve_key(
     trusted_hosts: Collection[str],
     operator_configured: bool,
     required: bool,
-    explicit: str | None = None,
 ) -> ApiKey:
-    """The key to send to `base_url`, or why there is none.
-
-    `explicit` is a key written in the operator's config file; otherwise `env_name` is read.
-    """
-    value = explicit or (env.get(env_name) if env_name else None) or None
+    """The key (from the environment variable `env_name`) to send to `base_url`, or why there is none."""
+    value = (env.get(env_name) if env_name else None) or None
     if value is None:
         return ApiKey(None, env_name, "missing" if required else "not needed")
     if operator_configured or host_of(base_url) in trusted_hosts:

@@ -19,7 +19,7 @@ from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import key_hint
-from mcp_orchestrator.workers.transport import Endpoint, decode_event, ended_early, request_json, stream_events
+from mcp_orchestrator.workers.transport import Endpoint, decode_event, drain, ended_early, request_json, stream_events
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DONE = "[DONE]"
@@ -85,6 +85,7 @@ async def read_chat_stream(
     async for event in events:
         if event.data == DONE:
             done = True
+            await drain(events)
             break
         data = decode_event(endpoint, event)
         if "error" in data:

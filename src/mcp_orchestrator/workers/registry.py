@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -212,15 +212,11 @@ def build_member(position: str, options: Mapping[str, Any], context: BuildContex
         raise WorkerSpecError([f"{position}.kind: required, one of {', '.join(kinds())}"])
     if context.depth >= MAX_DEPTH:
         raise WorkerSpecError([f"{position}: composites nest at most {MAX_DEPTH} deep"])
-    inner = BuildContext(**{**_fields(context), "depth": context.depth + 1})
+    inner = replace(context, depth=context.depth + 1)
     try:
         return build_worker(kind, options, inner)
     except WorkerSpecError as exc:
         raise WorkerSpecError([f"{position}.{p}" for p in exc.problems]) from None
-
-
-def _fields(context: BuildContext) -> dict[str, Any]:
-    return {name: getattr(context, name) for name in BuildContext.__dataclass_fields__}
 
 
 # ------------------------------------------------------------------ the kinds
@@ -291,14 +287,26 @@ def _check_host_allowed(url: str, allowed: tuple[str, ...]) -> None:
     )
 
 
+def build_members(name: str, tables: list[dict[str, Any]], context: BuildContext) -> list[Worker]:
+    """Every member of a composite, or one error naming the problems of all of them."""
+    members: list[Worker] = []
+    problems: list[str] = []
+    for index, options in enumerate(tables):
+        try:
+            members.append(build_member(f"{name}.{index}", options, context))
+        except WorkerSpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise WorkerSpecError(problems)
+    return members
+
+
 def _build_pool(spec: PoolSpec, context: BuildContext) -> Worker:
-    replicas = [build_member(f"replicas.{i}", options, context) for i, options in enumerate(spec.replicas)]
-    return PoolWorker(replicas, spec.strategy, spec.virtual_nodes)
+    return PoolWorker(build_members("replicas", spec.replicas, context), spec.strategy, spec.virtual_nodes)
 
 
 def _build_fallback(spec: FallbackSpec, context: BuildContext) -> Worker:
-    members = [build_member(f"members.{i}", options, context) for i, options in enumerate(spec.members)]
-    return FallbackWorker(members)
+    return FallbackWorker(build_members("members", spec.members, context))
 
 
 register(WorkerKind("echo", EchoSpec, _build_echo, "returns the prompt word by word; delay_ms simulates latency"))

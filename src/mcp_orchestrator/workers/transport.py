@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx2
 
 from mcp_orchestrator import __version__
@@ -170,6 +171,21 @@ async def request_json(
         raise taxonomy.malformed(
             endpoint.backend, "the body is not JSON", raw[:200].decode("utf-8", "replace"), endpoint.secrets
         ) from None
+
+
+DRAIN_TIMEOUT_S = 0.5
+
+
+async def drain(events: AsyncIterator[Any]) -> None:
+    """Read what follows a stream's last event (normally only the end of the body), so the
+    connection goes back to the pool instead of being closed (a new TLS handshake per
+    request otherwise); never wait long for it."""
+    with anyio.move_on_after(DRAIN_TIMEOUT_S):
+        try:
+            async for _ in events:
+                pass
+        except WorkerError:
+            pass
 
 
 def decode_event(endpoint: Endpoint, event: httpx2.ServerSentEvent) -> dict[str, Any]:
