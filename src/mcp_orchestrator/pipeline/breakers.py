@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, ValuesView
+from dataclasses import asdict
 
 from prometheus_client.core import Metric
 
@@ -57,22 +58,11 @@ class Breakers:
             breaker.update(settings)
 
     def status(self, guarded: Worker) -> list[BreakerStatus]:
+        """The breakers of `guarded`'s backends, as status pages show them."""
         statuses = []
         for leaf in leaves(guarded):
-            snap = leaf.breaker.snapshot()
-            statuses.append(
-                BreakerStatus(
-                    name=snap.name,
-                    state=snap.state.value,
-                    consecutive_failures=snap.consecutive_failures,
-                    successes=snap.successes,
-                    failures=snap.failures,
-                    rejected=snap.rejected,
-                    times_opened=snap.times_opened,
-                    retry_after_s=snap.retry_after_s,
-                    probes_in_flight=snap.probes_in_flight,
-                )
-            )
+            snap = asdict(leaf.breaker.snapshot())
+            statuses.append(BreakerStatus(**{**snap, "state": snap["state"].value}))
         return statuses
 
     @staticmethod

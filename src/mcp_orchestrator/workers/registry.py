@@ -18,6 +18,7 @@ import httpx2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mcp_orchestrator.models import GenerationParams
+from mcp_orchestrator.security import host_allowed
 from mcp_orchestrator.workers import anthropic, llama_cpp, openai, vllm
 from mcp_orchestrator.workers.base import Worker, layer_params
 from mcp_orchestrator.workers.echo import EchoWorker
@@ -274,11 +275,9 @@ def _http_builder(provider: _Provider) -> Callable[[Any, BuildContext], Worker]:
 
 def _check_host_allowed(url: str, allowed: tuple[str, ...]) -> None:
     """Refuse a tool call's base_url outside [security] allowed_hosts (no requests to arbitrary hosts)."""
-    host = (urlsplit(url).hostname or "").lower()
-    for pattern in allowed:
-        pattern = pattern.lower().strip("[]")
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
-            return
+    host = urlsplit(url).hostname or ""
+    if host_allowed(host, allowed):
+        return
     raise WorkerSpecError(
         [
             f"base_url: host {host!r} is not allowed for configure_worker (allowed: {', '.join(allowed) or 'none'}; "
