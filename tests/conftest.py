@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import settings
 from mcp import Client
 
 from mcp_orchestrator.app import Orchestrator
@@ -16,6 +18,13 @@ from mcp_orchestrator.config import Config, config_from_mapping
 # Support modules are imported by test modules and listed in pytest_plugins; registering them
 # here lets pytest rewrite their asserts whichever way they are first imported.
 pytest.register_assert_rewrite("tests.support_llama", "tests.support_fault_server", "tests.support_faults_extra")
+
+
+# CI replays the same examples every run, so a submission never fails on an example that
+# was never seen before; local runs keep exploring (and keep what fails in .hypothesis/).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def model_path() -> str:
     return str(assemble())
 
 
-def server_command(port: int, parallel: int = 4, threads: int = 2) -> list[str]:
+def server_command(port: int, parallel: int = 4, threads: int = 1) -> list[str]:
     return [
         binary_path(),
         "-m",
@@ -79,6 +79,10 @@ def server_command(port: int, parallel: int = 4, threads: int = 2) -> list[str]:
         "--chat-template",
         "gemma",
         "--no-webui",
+        # Sleep rather than spin while waiting for work: on a 2-core machine a spinning server
+        # starves the test process (and a second test run) of CPU.
+        "--poll",
+        "0",
     ]
 
 
@@ -106,7 +110,10 @@ def _wait_until_ready(process: subprocess.Popen[bytes], root: str, log: Path) ->
 
 
 @contextmanager
-def llama_server(parallel: int = 4, threads: int = 2) -> Iterator[LlamaServer]:
+def llama_server(parallel: int = 4, threads: int = 1) -> Iterator[LlamaServer]:
+    # One compute thread by default: with two, ggml's threads spin at barriers and, on a
+    # 2-core machine that is also running the tests, burn CPU the tests need (a suite run
+    # beside another took 6-9 minutes instead of under one).
     """Start llama-server on a free loopback port, wait until it is ready, stop it afterwards."""
     with tempfile.TemporaryDirectory(prefix="llama-server-") as folder:
         log = Path(folder) / "server.log"

@@ -170,11 +170,18 @@ class CircuitBreaker:
             failures=self.failures,
             rejected=self.rejected,
             times_opened=self.times_opened,
-            retry_after_s=round(self.retry_after_s(), 3),
+            retry_after_s=self._shown_retry_after(state),
             probes_in_flight=self._probes_admitted - self._probe_successes - self._probe_failures
             if state is BreakerState.half_open
             else 0,
         )
+
+    def _shown_retry_after(self, state: BreakerState) -> float:
+        """Milliseconds precision; an open breaker never shows 0 s left nor more than its timeout
+        (float noise at either end of the open period)."""
+        if state is not BreakerState.open:
+            return 0.0
+        return min(self.settings.timeout_s, max(0.001, round(self.retry_after_s(), 3)))
 
     # ------------------------------------------------------------------ calling
 

@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import anyio
 
@@ -53,7 +54,9 @@ class TokenBucket:
             raise ValueError(f"burst must be at least 1 (got {burst!r})")
         self.rate = rate
         self.burst = burst
-        self._interval = math.ceil(NS_PER_S / rate)
+        # Exact: NS_PER_S / rate in floats can round below the true interval (rate 1/3 gives
+        # 3e9 ns, one short), which would let a request through a nanosecond early.
+        self._interval = math.ceil(Fraction(NS_PER_S) / Fraction(rate))
         """Nanoseconds between two tokens, rounded up so the real rate never exceeds `rate`."""
         self._tolerance = (burst - 1) * self._interval
         self._tat = _ALWAYS_FULL
