@@ -78,23 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> Config:
     """The file's settings with the flags on top, validated as one."""
     config = load_config(args.config)
-    overrides: dict[str, Any] = {
-        "stages.inference.worker": args.worker,
-        "stages.inference.model": args.model,
-        "stages.inference.base_url": args.base_url,
-        "stages.inference.delay_ms": args.delay_ms,
-        "stages.inference.concurrency": args.concurrency,
-        "server.transport": args.transport,
-        "server.host": args.host,
-        "server.port": args.port,
-        "observability.metrics_port": args.metrics_port,
-        "observability.log_level": args.log_level,
-        "observability.log_format": args.log_format,
-    }
-    if args.allowed_host:
-        overrides["server.allowed_hosts"] = config.server.allowed_hosts + args.allowed_host
-    if args.allowed_origin:
-        overrides["server.allowed_origins"] = config.server.allowed_origins + args.allowed_origin
+    overrides: dict[str, Any] = {}
+    for key, flag in FLAG_FOR_KEY.items():
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if key in APPENDED_KEYS and value:
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name) + value  # repeated flags add to the file's list
+        overrides[key] = value
     try:
         return apply_overrides(config, overrides)
     except ConfigError as exc:
@@ -108,6 +98,7 @@ def _name_flags(problem: str) -> str:
     return problem if flag is None else f"{flag} ({key}){problem[len(key) :]}"
 
 
+# The config key each flag sets; the flag's argparse dest is its name without dashes.
 FLAG_FOR_KEY = {
     "stages.inference.worker": "--worker",
     "stages.inference.model": "--model",
@@ -123,6 +114,7 @@ FLAG_FOR_KEY = {
     "observability.log_level": "--log-level",
     "observability.log_format": "--log-format",
 }
+APPENDED_KEYS = frozenset({"server.allowed_hosts", "server.allowed_origins"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
