@@ -14,26 +14,16 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from mcp_orchestrator.models import GenerationParams, Message
-from mcp_orchestrator.workers.openai import OpenAIWorker
+from mcp_orchestrator.workers.openai import OpenAICompatibleServer
 from mcp_orchestrator.workers.transport import check_ok
 
 DEFAULT_URL = "http://localhost:8080"
 
 
-def server_root(url: str) -> str:
-    """Accept LLAMA_CPP_URL / VLLM_URL with or without the /v1 suffix."""
-    url = url.rstrip("/")
-    return url.removesuffix("/v1")
-
-
-class LlamaCppWorker(OpenAIWorker):
-    kind: ClassVar[str] = "llama_cpp"
-    default_model: ClassVar[str | None] = None
+class LlamaCppWorker(OpenAICompatibleServer):
     """llama-server serves the model it was started with; a name is needed only in router mode."""
-    chat_path: ClassVar[str] = "/v1/chat/completions"
-    models_path: ClassVar[str] = "/v1/models"
-    health_path: ClassVar[str] = "/health"
-    max_tokens_field: ClassVar[str] = "max_tokens"
+
+    kind: ClassVar[str] = "llama_cpp"
 
     def body(self, messages: tuple[Message, ...], params: GenerationParams) -> dict[str, Any]:
         body = super().body(messages, params)

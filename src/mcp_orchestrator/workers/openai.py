@@ -104,6 +104,23 @@ async def read_chat_stream(
     yield Chunk("", usage, finish)
 
 
+class OpenAICompatibleServer(OpenAIWorker):
+    """A self-hosted server speaking OpenAI's API (llama.cpp, vLLM): its URL is the server
+    root, paths carry the /v1, `GET /health` answers, and `max_tokens` is the field name."""
+
+    default_model: ClassVar[str | None] = None
+    chat_path: ClassVar[str] = "/v1/chat/completions"
+    models_path: ClassVar[str] = "/v1/models"
+    health_path: ClassVar[str] = "/health"
+    max_tokens_field: ClassVar[str] = "max_tokens"
+
+
+def server_root(url: str) -> str:
+    """Accept LLAMA_CPP_URL / VLLM_URL with or without the /v1 suffix."""
+    url = url.rstrip("/")
+    return url.removesuffix("/v1")
+
+
 def completion_chunk(endpoint: Endpoint, answer: Any) -> Chunk:
     """A non-streaming chat completion as one chunk."""
     if not isinstance(answer, dict):

@@ -352,7 +352,7 @@ register(
                 llama_cpp.DEFAULT_URL,
                 "LLAMA_API_KEY",
                 frozenset(),
-                llama_cpp.server_root,
+                openai.server_root,
             )
         ),
         "llama.cpp llama-server (LLAMA_CPP_URL, default http://localhost:8080)",
@@ -363,7 +363,7 @@ register(
         "vllm",
         ChatCompletionsSpec,
         _http_builder(
-            _Provider(vllm.VllmWorker, "VLLM_URL", vllm.DEFAULT_URL, "VLLM_API_KEY", frozenset(), llama_cpp.server_root)
+            _Provider(vllm.VllmWorker, "VLLM_URL", vllm.DEFAULT_URL, "VLLM_API_KEY", frozenset(), openai.server_root)
         ),
         "vLLM OpenAI-compatible server (VLLM_URL, default http://localhost:8000)",
     )

@@ -11,19 +11,14 @@ from typing import ClassVar
 import anyio
 
 from mcp_orchestrator.workers import taxonomy
-from mcp_orchestrator.workers.openai import OpenAIWorker
+from mcp_orchestrator.workers.openai import OpenAICompatibleServer
 from mcp_orchestrator.workers.transport import check_ok, request_json
 
 DEFAULT_URL = "http://localhost:8000"
 
 
-class VllmWorker(OpenAIWorker):
+class VllmWorker(OpenAICompatibleServer):
     kind: ClassVar[str] = "vllm"
-    default_model: ClassVar[str | None] = None
-    chat_path: ClassVar[str] = "/v1/chat/completions"
-    models_path: ClassVar[str] = "/v1/models"
-    health_path: ClassVar[str] = "/health"
-    max_tokens_field: ClassVar[str] = "max_tokens"
 
     _discovery: anyio.Lock | None = None
 
