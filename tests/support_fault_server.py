@@ -183,12 +183,8 @@ class FaultServer:
         """Send the request to the real server and pass its answer on, event by event,
         through `policy` (which may stop, corrupt or cut the stream)."""
         assert self.upstream is not None, "this scenario needs the real server (FaultServer(upstream=...))"
-        upstream = urlsplit(self.upstream)
-        up_reader, up_writer = await asyncio.open_connection(upstream.hostname, upstream.port, limit=HEAD_LIMIT)
+        up_reader, up_writer, head = await _forward_upstream(self.upstream, incoming)
         try:
-            up_writer.write(_request_bytes(incoming, f"{upstream.hostname}:{upstream.port}"))
-            await up_writer.drain()
-            head = await asyncio.wait_for(up_reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT_S)
             writer.write(_close_after(head))
             if b"transfer-encoding: chunked" not in head.lower():
                 writer.write(await asyncio.wait_for(up_reader.read(), IO_TIMEOUT_S))
@@ -210,6 +206,22 @@ class FaultServer:
             await writer.drain()
         finally:
             up_writer.close()
+
+
+async def _forward_upstream(
+    upstream_url: str, incoming: _Incoming
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Send `incoming` to the real server; its reader, writer (the caller closes it) and response head."""
+    upstream = urlsplit(upstream_url)
+    reader, writer = await asyncio.open_connection(upstream.hostname, upstream.port, limit=HEAD_LIMIT)
+    try:
+        writer.write(_request_bytes(incoming, f"{upstream.hostname}:{upstream.port}"))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT_S)
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer, head
 
 
 # ------------------------------------------------------------------ stream policies

@@ -17,7 +17,6 @@ import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -25,7 +24,6 @@ import httpx2
 import pytest
 
 from tests.support_fault_server import (
-    HEAD_LIMIT,
     IO_TIMEOUT_S,
     FaultServer,
     _chunk,
@@ -34,10 +32,10 @@ from tests.support_fault_server import (
     _dechunk,
     _end,
     _EventSplitter,
+    _forward_upstream,
     _Incoming,
     _pass_through,
     _Policy,
-    _request_bytes,
     _write_error,
 )
 from tests.support_llama import LlamaServer
@@ -186,12 +184,8 @@ class ScriptedFaultServer(FaultServer):
 
     async def _record(self, incoming: _Incoming) -> _Answer:
         assert self.upstream is not None, "recording an answer needs the real server"
-        upstream = urlsplit(self.upstream)
-        reader, writer = await asyncio.open_connection(upstream.hostname, upstream.port, limit=HEAD_LIMIT)
+        reader, writer, head = await _forward_upstream(self.upstream, incoming)
         try:
-            writer.write(_request_bytes(incoming, f"{upstream.hostname}:{upstream.port}"))
-            await writer.drain()
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT_S)
             if b"transfer-encoding: chunked" not in head.lower():
                 return _Answer(_close_after(head), body=await asyncio.wait_for(reader.read(), IO_TIMEOUT_S))
             splitter = _EventSplitter()
