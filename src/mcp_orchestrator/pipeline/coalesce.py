@@ -12,7 +12,6 @@ what happens when a member leaves or the flight lands.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -30,23 +29,23 @@ ChunkSink = Callable[[str], None]
 def answer_key(worker_kind: str, model: str, messages: tuple[Message, ...], params: GenerationParams) -> str:
     """A fixed-size digest of everything that can change the backend's answer.
 
-    `params` must already carry the effective values (defaults applied), so a request
-    that leaves temperature unset and one that sets the default share a key. The JSON
-    is canonical (sorted keys, no spaces) and every field of GenerationParams is in
-    it, so a parameter added later is in the key without touching this function.
+    Unset parameters stay unset (the worker fills them from its own settings, which
+    only a worker swap can change, and the swap is in `worker_kind`). Every part is
+    length-prefixed, so no prompt text can make two different requests spell the same
+    payload, and every field of GenerationParams is in its JSON, so a parameter added
+    later is in the key without touching this function.
     """
-    payload = json.dumps(
-        {
-            "worker": worker_kind,
-            "model": model,
-            "messages": [[m.role, m.content] for m in messages],
-            "params": params.model_dump(mode="json"),
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    parts = [worker_kind, model]
+    for message in messages:
+        parts.append(message.role)
+        parts.append(message.content)
+    # Frozen model, fields in declaration order: the same values always give the same JSON.
+    parts.append(params.model_dump_json() if params.model_fields_set else _DEFAULT_PARAMS)
+    payload = "".join(f"{len(part)}:{part}" for part in parts)
+    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_DEFAULT_PARAMS = GenerationParams().model_dump_json()
 
 
 class _AnswerDetails(BaseModel):
@@ -111,8 +110,9 @@ class Flight:
 
     def broadcast(self, text: str) -> None:
         """Forward a chunk to every caller still waiting (set as the leader's chunk sink)."""
-        for sink in tuple(self.sinks.values()):
-            sink(text)
+        if self.sinks:
+            for sink in tuple(self.sinks.values()):
+                sink(text)
 
     def land(self) -> list[Request]:
         """End the flight; returns the followers still waiting, in arrival order."""

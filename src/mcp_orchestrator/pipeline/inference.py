@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 
 import anyio
 
-from mcp_orchestrator.config import Config
+from mcp_orchestrator.config import Config, ResilienceSection
 from mcp_orchestrator.errors import CircuitOpen, DeadlineExceeded, OrchestratorError, StageTimeout, WorkerFailed
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import DeadLetterReason, Provenance, StageName, Usage
@@ -28,11 +28,13 @@ from mcp_orchestrator.workers.base import Chunk, Worker, WorkerError, WorkerRequ
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StageBudget:
     """When the inference stage of one request must end (on the pipeline's clock), and why."""
 
     end: float
+    loop_end: float
+    """The same moment on the event loop's clock (what cancel scopes use)."""
     timeout_ms: int
     stage_binds: bool
     """True when the stage timeout comes before the request's deadline."""
@@ -67,6 +69,16 @@ class _OutOfTime(Exception):
         self.reason = reason
 
 
+def retry_policy(resilience: ResilienceSection) -> RetryPolicy:
+    """The retry policy of a [resilience] section (live: a config reload changes it)."""
+    return _policy(resilience.retry_attempts, resilience.retry_base_ms, resilience.retry_max_ms)
+
+
+@lru_cache(maxsize=8)
+def _policy(retries: int, base_ms: int, max_ms: int) -> RetryPolicy:
+    return RetryPolicy(retries, base_ms / 1000, max_ms / 1000)
+
+
 def all_open(worker: Worker) -> bool:
     """Whether every backend inside `worker` is behind a breaker that refuses calls now."""
     members = leaves(worker)
@@ -85,7 +97,9 @@ class InferenceCall:
         self.metrics = metrics
         self.trace = start_trace()
 
-    async def run(self) -> CallOutcome:
+    async def run(self) -> CallOutcome | None:
+        """The call's outcome, or None when the caller gave up (the request was settled and
+        cancelled this call's scope from outside)."""
         request, section = self.request, self.config.stages.inference
         submission = request.submission
         # Only the call's own parameters: the worker layers them over its configure_worker
@@ -93,39 +107,51 @@ class InferenceCall:
         call = WorkerRequest(request.messages, submission.params, request.id, submission.session_id)
         # The stage ends at its timeout or at the request's deadline, whichever comes first.
         # Kept on self.clock, the clock the retry waits run on; cancel scopes use the loop's.
-        left_s = request.deadline - anyio.current_time()
+        now = anyio.current_time()
+        left_s = request.deadline - now
+        stage_s = min(left_s, section.timeout_ms / 1000)
         stage = StageBudget(
-            end=self.clock.now() + min(left_s, section.timeout_ms / 1000),
+            end=self.clock.now() + stage_s,
+            loop_end=now + stage_s,
             timeout_ms=section.timeout_ms,
             stage_binds=section.timeout_ms / 1000 < left_s,
             deadline_ms=submission.deadline_ms or self.config.pipeline.default_deadline_ms,
         )
-        resilience = self.config.resilience
-        try:
-            answer = await call_with_retries(
-                partial(self._attempt, call, stage),
-                policy=RetryPolicy(
-                    resilience.retry_attempts, resilience.retry_base_ms / 1000, resilience.retry_max_ms / 1000
-                ),
-                deadline=stage.end,
-                clock=self.clock,
-                judge=self._judge,
-                on_retry=self._on_retry,
-            )
-        except _OutOfTime as exc:
-            return CallOutcome(None, exc.error, exc.reason, self.trace)
-        except WorkerError as exc:
-            return CallOutcome(None, self._failure(exc), DeadLetterReason.worker_error, self.trace)
-        except Exception as exc:
-            log.exception("worker %s raised on request %s", self.worker.kind, request.id)
-            error = WorkerFailed(f"{self.worker.kind} worker error: {exc}")
-            return CallOutcome(None, error, DeadLetterReason.worker_error, self.trace)
-        return CallOutcome(answer, None, DeadLetterReason.worker_error, self.trace)
+        # One scope for the whole stage: it ends the call at the stage's end, and settle()
+        # cancels it when the caller gives up. Attempt timeouts get their own, inner scope.
+        with anyio.CancelScope(deadline=stage.loop_end) as scope:
+            request.inference_scope = scope
+            try:
+                answer = await call_with_retries(
+                    partial(self._attempt, call, stage),
+                    policy=retry_policy(self.config.resilience),
+                    deadline=stage.end,
+                    clock=self.clock,
+                    judge=self._judge,
+                    on_retry=self._on_retry,
+                )
+            except _OutOfTime as exc:
+                return CallOutcome(None, exc.error, exc.reason, self.trace)
+            except WorkerError as exc:
+                return CallOutcome(None, self._failure(exc), DeadLetterReason.worker_error, self.trace)
+            except Exception as exc:
+                log.exception("worker %s raised on request %s", self.worker.kind, request.id)
+                error = WorkerFailed(f"{self.worker.kind} worker error: {exc}")
+                return CallOutcome(None, error, DeadLetterReason.worker_error, self.trace)
+            finally:
+                request.inference_scope = None
+                self.trace.blame_after = None
+            return CallOutcome(answer, None, DeadLetterReason.worker_error, self.trace)
+        if request.finished:
+            return None
+        ended = _out_of_time(stage)
+        return CallOutcome(None, ended.error, ended.reason, self.trace)
 
     def provenance(self) -> Provenance:
         trace = self.trace
         answered = trace.answered_by
-        return Provenance(
+        # Built from the trace's own values: no validation pass needed (this runs per request).
+        return Provenance.model_construct(
             worker=answered.name if answered is not None else backend_name(self.worker),
             attempts=trace.attempts,
             retries=trace.retries,
@@ -139,28 +165,32 @@ class InferenceCall:
         remaining = stage.end - self.clock.now()
         if remaining <= 0:
             raise _out_of_time(stage)
-        limit_ms = self.config.resilience.attempt_timeout_ms
-        own_limit = limit_ms is not None and limit_ms / 1000 < remaining
-        budget = limit_ms / 1000 if own_limit and limit_ms is not None else remaining
-        loop_deadline = anyio.current_time() + budget
-        # A timeout of ours is the backend's fault; the caller's own deadline is not.
-        trace.begin_attempt(loop_deadline if own_limit or stage.stage_binds else None)
         answer = Answer()
-        sink = self.request.on_chunk
-        with anyio.CancelScope(deadline=loop_deadline) as scope:
-            async with aclosing(self.worker.generate(call)) as chunks:
-                async for chunk in chunks:
-                    _take(answer, chunk, trace, sink)
+        limit_ms = self.config.resilience.attempt_timeout_ms
+        if limit_ms is None or limit_ms / 1000 >= remaining:
+            # The stage's scope (see run) ends this attempt; a timeout of ours is the
+            # backend's fault, the caller's own deadline is not.
+            trace.begin_attempt(stage.loop_end if stage.stage_binds else None)
+            await self._stream(call, answer)
+            return answer
+        attempt_end = anyio.current_time() + limit_ms / 1000
+        trace.begin_attempt(attempt_end)
+        with anyio.CancelScope(deadline=attempt_end) as scope:
+            await self._stream(call, answer)
         trace.blame_after = None
         if not scope.cancelled_caught:
             return answer
-        if own_limit:
-            name = trace.active.name if trace.active is not None else backend_name(self.worker)
-            error = WorkerError(name, f"no complete answer within {limit_ms} ms (resilience.attempt_timeout_ms)", True)
-            if trace.active is not None:
-                trace.record(trace.active, error)
-            raise error
-        raise _out_of_time(stage)
+        name = trace.active.name if trace.active is not None else backend_name(self.worker)
+        error = WorkerError(name, f"no complete answer within {limit_ms} ms (resilience.attempt_timeout_ms)", True)
+        if trace.active is not None:
+            trace.record(trace.active, error)
+        raise error
+
+    async def _stream(self, call: WorkerRequest, answer: Answer) -> None:
+        trace, sink = self.trace, self.request.on_chunk
+        async with aclosing(self.worker.generate(call)) as chunks:
+            async for chunk in chunks:
+                _take(answer, chunk, trace, sink)
 
     def _judge(self, error: BaseException) -> Verdict | None:
         """Whether a failed call may be retried. None: not a backend failure, let it through.

@@ -20,7 +20,6 @@ ChunkSink = Callable[[str], None]
 class Request:
     id: str
     submission: Submission
-    seq: int
     submitted_at: float
     deadline: float
     """Absolute anyio clock time after which the request's trip through the stages ends. A flight

@@ -12,6 +12,7 @@ Time comes from an injected `Clock`, so tests can measure waits without sleeping
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,15 @@ class AnyioClock:
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
+
+
+def loop_clock() -> Callable[[], float]:
+    """The running event loop's clock as a plain function, for hot paths: anyio.current_time()
+    looks the async backend up on every call. Call from inside the loop."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:  # another anyio backend (trio): its own lookup
+        return anyio.current_time
 
 
 @dataclass(frozen=True, slots=True)
