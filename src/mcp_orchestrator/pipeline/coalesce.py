@@ -77,7 +77,8 @@ class CachedAnswer:
         model: str,
         provenance: Provenance | None,
     ) -> CachedAnswer:
-        details = _AnswerDetails(
+        # The parts are the pipeline's own validated values: serialize them without re-validating.
+        details = _AnswerDetails.model_construct(
             usage=usage, finish_reason=finish_reason, worker=worker, model=model, provenance=provenance
         )
         return cls(text, details.model_dump_json())

@@ -254,12 +254,13 @@ class Pipeline:
         return request
 
     async def wait(self, request: Request) -> InferResult:
-        try:
-            with anyio.CancelScope(deadline=request.caller_deadline):
-                await request.done.wait()
-        except anyio.get_cancelled_exc_class():
-            self._leave(request, Outcome.cancelled)
-            raise
+        if not request.done.is_set():  # an answer already there needs no deadline timer
+            try:
+                with anyio.CancelScope(deadline=request.caller_deadline):
+                    await request.done.wait()
+            except anyio.get_cancelled_exc_class():
+                self._leave(request, Outcome.cancelled)
+                raise
         if not request.finished:
             deadline_ms = request.submission.deadline_ms or self.config.pipeline.default_deadline_ms
             where = request.flight.leader.stage if request.flight is not None else request.stage
@@ -279,7 +280,7 @@ class Pipeline:
         backend spends a token or a queue slot, so a burst of identical calls costs one of each."""
         submission = request.submission
         if self._shares_answers() and (submission.cache or submission.dedup):
-            key = request.key = self._answer_key(submission)
+            key = request.key = self._answer_key(request)
             if submission.cache:
                 answer = self.cache.get(key)
                 if answer is not None:
@@ -316,11 +317,12 @@ class Pipeline:
         rag_active = self.context_source is not None and self.config.stages.rag.enabled
         return self.config.deduplication.enabled and not rag_active
 
-    def _answer_key(self, submission: Submission) -> str:
+    def _answer_key(self, request: Request) -> str:
         """Unset parameters stay unset in the key: the worker fills them from its own settings,
-        which cannot change without a worker swap, and a swap changes the generation."""
-        worker = self._lease.worker
-        messages = assemble_messages(submission.prompt, submission.system, [])
+        which cannot change without a worker swap, and a swap changes the generation. The
+        messages are kept: with no context source they are what the assemble stage builds."""
+        worker, submission = self._lease.worker, request.submission
+        messages = request.messages = assemble_messages(submission.prompt, submission.system, [])
         return answer_key(f"{worker.kind}#{self._worker_generation}", worker.model, messages, submission.params)
 
     def _answer_from_cache(self, request: Request, answer: CachedAnswer, now: float) -> None:
@@ -583,8 +585,9 @@ class Pipeline:
         self._forward(request, StageName.assemble, self._time())
 
     def _assemble(self, request: Request, enabled: bool) -> None:
-        submission = request.submission
-        request.messages = assemble_messages(submission.prompt, submission.system, request.context)
+        if request.context or not request.messages:
+            submission = request.submission
+            request.messages = assemble_messages(submission.prompt, submission.system, request.context)
         self._forward(request, StageName.inference, self._time())
 
     def _post_process(self, request: Request, enabled: bool) -> None:
@@ -715,7 +718,7 @@ class Pipeline:
             usage=request.usage or Usage(),
             finish_reason=request.finish_reason,
             latency_ms=round((request.stage_entered_at - request.submitted_at) * 1000, 3),
-            stage_ms=StageTimings.model_construct(**{k: round(v, 3) for k, v in request.stage_ms.items()}),
+            stage_ms=StageTimings.model_construct(None, **{k: round(v, 3) for k, v in request.stage_ms.items()}),
             attempts=request.attempts,
             provenance=request.provenance,
             coalesced=request.coalesced,
