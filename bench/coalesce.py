@@ -8,7 +8,10 @@ as 1,000 tool calls would). Figures:
      (the strict reading: answers are handed out one waiter after the other);
   b) latency beyond the leader's: each waiter's latency (its own call to its own answer)
      minus the leader's latency (waiters start later, so this is mostly negative);
-- baseline in the same run: one call alone (the leader's latency without a herd).
+- baselines in the same run: one call alone (the leader's latency without a herd), and
+  the wake-up floor: as many bare tasks, each waiting on its own anyio Event, all set
+  at once: how long after the set the last of them runs. Reading a) can never be below
+  it (each waiter is a task that must be resumed in turn), so a) is also shown beyond it.
 
     .venv/bin/python -m bench.coalesce [--callers 1000] [--delay-ms 200]
 """
@@ -50,6 +53,7 @@ async def herd(callers: int, delay_ms: int) -> None:
         assert pipeline.reconciles()
         totals = pipeline.status().totals
 
+    floor = await wake_floor(callers - 1)
     leaders = [entry for entry in results if not entry[2].coalesced]
     waiters = [entry for entry in results if entry[2].coalesced]
     assert len(leaders) == 1, f"{len(leaders)} leaders"
@@ -67,11 +71,33 @@ async def herd(callers: int, delay_ms: int) -> None:
     row("leader latency in the herd", f"{leader_ms:.1f} ms")
     row("a) waiter answered after the leader", spread(after_leader))
     row("   per waiter (a's max / waiters)", f"{max(after_leader) * 1000 / len(waiters):.1f} µs")
+    row("   floor: bare tasks woken from their events", spread(floor))
+    floor_p99 = percentile(floor, 0.99)
+    row("   a) beyond the floor (p99 - floor p99)", f"{percentile(after_leader, 0.99) - floor_p99:.3f} ms")
     row("b) waiter latency beyond the leader's", spread(beyond_latency))
     verdict("backend calls == 1", worker.calls - 1 == 1, f"{worker.calls - 1}")
     strict, loose = percentile(after_leader, 0.99), percentile(beyond_latency, 0.99)
     verdict("a) waiter overhead p99 <= 1 ms (strict)", strict <= TARGET_OVERHEAD_MS, f"{strict:.3f} ms")
     verdict("b) waiter latency p99 <= leader's + 1 ms", loose <= TARGET_OVERHEAD_MS, f"{loose:.3f} ms")
+
+
+async def wake_floor(waiters: int) -> list[float]:
+    """Milliseconds from setting `waiters` events (each awaited by its own task) to each task running."""
+    events = [anyio.Event() for _ in range(waiters)]
+    woke: list[float] = []
+
+    async def wait(event: anyio.Event) -> None:
+        await event.wait()
+        woke.append(time.perf_counter())
+
+    async with anyio.create_task_group() as tg:
+        for event in events:
+            tg.start_soon(wait, event)
+        await anyio.sleep(0.05)  # every task is parked on its event
+        set_at = time.perf_counter()
+        for event in events:
+            event.set()
+    return [(moment - set_at) * 1000 for moment in woke]
 
 
 def spread(values: list[float]) -> str:

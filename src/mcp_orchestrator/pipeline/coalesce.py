@@ -77,8 +77,7 @@ class CachedAnswer:
         model: str,
         provenance: Provenance | None,
     ) -> CachedAnswer:
-        # The parts are the pipeline's own validated values: serialize them without re-validating.
-        details = _AnswerDetails.model_construct(
+        details = _AnswerDetails(
             usage=usage, finish_reason=finish_reason, worker=worker, model=model, provenance=provenance
         )
         return cls(text, details.model_dump_json())

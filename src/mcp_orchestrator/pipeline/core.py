@@ -411,12 +411,12 @@ class Pipeline:
             return
         self._remember(leader)
         now = self._time()
+        self.counters.coalesced += len(followers)
+        self.metrics.coalesced.inc(len(followers))
         for follower in followers:
             follower.text, follower.usage, follower.finish_reason = leader.text, leader.usage, leader.finish_reason
             follower.worker, follower.model, follower.provenance = leader.worker, leader.model, leader.provenance
             follower.stage_entered_at = now
-            self.counters.coalesced += 1
-            self.metrics.coalesced.inc()
             self._settle(follower, Outcome.completed)
 
     def _hand_over(self, key: str, followers: list[Request], now: float) -> None:
@@ -709,8 +709,7 @@ class Pipeline:
     # ------------------------------------------------------------------ reading the state
 
     def _result(self, request: Request) -> InferResult:
-        # Built from values the pipeline produced itself: no validation pass needed.
-        return InferResult.model_construct(
+        return InferResult(
             request_id=request.id,
             text=request.text,
             worker=request.worker,
@@ -718,7 +717,7 @@ class Pipeline:
             usage=request.usage or Usage(),
             finish_reason=request.finish_reason,
             latency_ms=round((request.stage_entered_at - request.submitted_at) * 1000, 3),
-            stage_ms=StageTimings.model_construct(None, **{k: round(v, 3) for k, v in request.stage_ms.items()}),
+            stage_ms=StageTimings(**{k: round(v, 3) for k, v in request.stage_ms.items()}),
             attempts=request.attempts,
             provenance=request.provenance,
             coalesced=request.coalesced,

@@ -150,8 +150,7 @@ class InferenceCall:
     def provenance(self) -> Provenance:
         trace = self.trace
         answered = trace.answered_by
-        # Built from the trace's own values: no validation pass needed (this runs per request).
-        return Provenance.model_construct(
+        return Provenance(
             worker=answered.name if answered is not None else backend_name(self.worker),
             attempts=trace.attempts,
             retries=trace.retries,
