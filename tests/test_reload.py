@@ -172,6 +172,34 @@ async def test_reload_can_switch_configure_worker_off(tmp_path: Path) -> None:
         assert result.is_error
 
 
+@pytest.mark.anyio
+async def test_new_rate_limits_start_as_empty_as_the_old_buckets_not_with_a_fresh_burst(tmp_path: Path) -> None:
+    # One token per 10 s (then per 5 s): nothing refills during the test, whatever the machine's speed.
+    limits = "[rate_limits]\nenabled = true\nburst_capacity = 3\nper_session_rps = 0.1\nrequests_per_second = "
+    path = write(tmp_path / "c.toml", BASE + limits + "0.1\n")
+    orchestrator = Orchestrator(load_config(path))
+    async with orchestrator, Client(orchestrator.server) as client:
+        for index in range(3):
+            arguments = {"prompt": f"spend {index}", "cache": False, "session_id": "s1"}
+            assert not (await client.call_tool("infer", arguments)).is_error
+        assert (await status_of(client))["rate_limit"]["tokens_available"] < 1
+        refused = await client.call_tool("infer", {"prompt": "one more", "cache": False, "deadline_ms": 1000})
+        assert refused.is_error and "retry_after_ms" in str(refused.content)
+
+        write(path, BASE + limits + "0.2\n")
+        report = await reload_config(orchestrator, loader(path), str(path))
+        assert report.applied == ["rate_limits.requests_per_second"]
+        status = await status_of(client)
+        assert status["rate_limit"]["requests_per_second"] == 0.2
+        assert status["rate_limit"]["tokens_available"] < 1  # a fresh bucket would hold 3
+        after = await client.call_tool("infer", {"prompt": "after the reload", "cache": False, "deadline_ms": 1000})
+        assert after.is_error and "retry_after_ms" in str(after.content)
+        # The session's own bucket kept its level too: empty after three calls.
+        session_gate = orchestrator.pipeline.admission._session_gate("s1")
+        assert session_gate is not None and session_gate.tokens() < 1
+        assert orchestrator.pipeline.reconciles()
+
+
 # ---------------------------------------------------------------------------- a real SIGHUP
 
 

@@ -189,10 +189,13 @@ def _switch(orchestrator: Orchestrator, old: Config, config: Config) -> None:
     if config.resilience != old.resilience:
         pipeline.apply_resilience()
     if config.rate_limits != old.rate_limits or config.pipeline.priority_aging_ms != old.pipeline.priority_aging_ms:
-        # Requests already waiting finish their wait on the old buckets.
-        pipeline.admission = Admission(
+        # Requests already waiting finish their wait on the old buckets; the new ones start
+        # as full as the old ones were, so a reload is never a fresh burst.
+        admission = Admission(
             config.rate_limits, aging_s=config.pipeline.priority_aging_ms / 1000, clock=pipeline.admission.clock
         )
+        admission.carry_over(pipeline.admission)
+        pipeline.admission = admission
     if config.observability.log_level != old.observability.log_level:
         set_log_level(config.observability.log_level)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from mcp_orchestrator.config import RateLimitsSection
 from mcp_orchestrator.errors import RateLimited
 from mcp_orchestrator.models import RateLimitStatus
-from mcp_orchestrator.resilience.ratelimit import PriorityGate, TokenBucket, TokenUnavailable
+from mcp_orchestrator.resilience.ratelimit import PriorityGate, TokenBucket, TokenUnavailable, to_ns
 
 SWEEP_AT_LEAST = 1024
 """Idle session buckets are swept when the table grows past this (then past twice its live size)."""
@@ -88,6 +88,18 @@ class Admission:
             if session is not None:
                 session.bucket.refund()
             raise
+
+    def carry_over(self, old: Admission) -> None:
+        """Start every bucket at the level of the bucket it replaces (a config reload with new
+        limits): without this, each reload would let a fresh burst through."""
+        if not (self.enabled and old.enabled):
+            return
+        now = to_ns(self.clock())
+        self.global_gate.bucket.start_at_level_of(old.global_gate.bucket, now)
+        for session_id, gate in old._sessions.items():
+            replacement = self._session_gate(session_id)
+            if replacement is not None:
+                replacement.bucket.start_at_level_of(gate.bucket, now)
 
     def clock_advanced(self) -> None:
         """Tell every waiter to look at its bucket again (fake clocks in tests)."""

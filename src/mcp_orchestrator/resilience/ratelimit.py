@@ -89,6 +89,12 @@ class TokenBucket:
         debt = max(0, self._tat - now_ns)
         return max(0.0, self.burst - debt / self._interval)
 
+    def start_at_level_of(self, other: TokenBucket, now_ns: int) -> None:
+        """Hold what `other` holds now (at most this bucket's burst), not a full bucket: a
+        bucket that replaces another (new limits on reload) must not hand out a fresh burst."""
+        tokens = min(float(self.burst), other.tokens(now_ns))
+        self._tat = now_ns + math.ceil((self.burst - tokens) * self._interval)
+
     def is_full(self, now_ns: int) -> bool:
         """A full bucket behaves exactly like a new one, so it may be dropped and recreated."""
         return self._tat <= now_ns
