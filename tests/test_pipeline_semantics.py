@@ -361,6 +361,40 @@ async def test_saturated_inference_serves_higher_priority_first() -> None:
     assert totals["cancelled"] == 1
 
 
+async def test_a_critical_caller_joining_a_low_flight_moves_it_up_the_queue() -> None:
+    """Coalescing must not make an urgent caller wait in a slow class: the shared trip
+    takes the best class of the callers waiting on it."""
+    config = make_config(stages={"inference": {"concurrency": 1, "delay_ms": SLOW_MS}})
+    started: list[str] = []
+    async with running(config) as (orchestrator, client):
+        with anyio.fail_after(TEST_TIMEOUT_S):
+            async with anyio.create_task_group() as tg:
+                blocker = start_call(tg, client, "blocker", {"prompt": "occupies the slot"})
+                await wait_for(lambda: busy(orchestrator) == 1)
+                fast = await client.call_tool("configure_worker", {"kind": "echo", "delay_ms": 0})
+                assert not fast.is_error, fast.content
+                queued = [("shared-low", "shared question", "low"), ("normal", "normal question", "normal")]
+                queued.append(("high", "high question", "high"))
+                calls = []
+                for position, (label, prompt, priority) in enumerate(queued, start=1):
+                    arguments = {"prompt": prompt, "priority": priority}
+                    calls.append(start_call(tg, client, label, arguments, on_first_chunk=started.append))
+                    await wait_for(lambda position=position: inference_depth(orchestrator) == position)
+                arguments = {"prompt": "shared question", "priority": "critical"}
+                calls.append(start_call(tg, client, "shared-critical", arguments, on_first_chunk=started.append))
+                await wait_for(lambda: len(orchestrator.pipeline.live) == 5)  # joined the low flight
+                assert inference_depth(orchestrator) == 3  # a follower takes no queue place
+                blocker.scope.cancel()
+            totals = await totals_of(client)
+    assert set(started[:2]) == {"shared-low", "shared-critical"}
+    assert started[2:] == ["high", "normal"]
+    by_label = {call.label: call.result for call in calls}
+    follower = by_label["shared-critical"]
+    assert follower is not None and follower.structured_content is not None
+    assert follower.structured_content["coalesced"] is True
+    assert totals["completed"] == 4 and totals["coalesced"] == 1
+
+
 async def test_priority_order_at_the_pipeline_level() -> None:
     """The same law without MCP in between: the worker's chunk order is the service order."""
     config = make_config(stages={"inference": {"concurrency": 1}})

@@ -244,6 +244,7 @@ class Pipeline:
             submission=submission,
             submitted_at=now,
             deadline=now + deadline_ms / 1000,
+            rank=submission.priority.rank,
             on_chunk=on_chunk,
             caller_deadline=now + deadline_ms / 1000,
             stage_entered_at=now,
@@ -300,7 +301,7 @@ class Pipeline:
         submission = request.submission
         budget = request.deadline - now - self.config.rate_limits.min_remaining_ms / 1000
         try:
-            admitted = self.admission.admit_now(submission.priority.rank, submission.session_id, budget)
+            admitted = self.admission.admit_now(request.rank, submission.session_id, budget)
         except RateLimited as exc:
             self._settle(request, Outcome.failed, exc)
             return
@@ -346,6 +347,18 @@ class Pipeline:
         flight.join(request, request.on_chunk)
         leader = flight.leader
         leader.deadline = max(leader.deadline, request.deadline)
+        if request.rank < leader.rank:
+            self._promote(leader, request.rank)
+
+    def _promote(self, leader: Request, rank: int) -> None:
+        """The trip now carries a more urgent caller: it travels in that caller's class from
+        here on, and moves up the inference queue if it waits there. (A wait for a rate-limit
+        token already begun keeps its place; a new attempt uses the new class.)"""
+        raised_by = leader.rank - rank
+        leader.rank = rank
+        queue = self._queues.inference
+        if leader.stage is StageName.inference and queue is not None:
+            queue.promote(leader, raised_by)
 
     async def _wait_for_admission(self, request: Request) -> None:
         """Wait for rate-limit tokens in the pipeline's task group, not the caller's task, so a
@@ -358,7 +371,7 @@ class Pipeline:
                     deadline = request.deadline
                     budget = deadline - self._time() - self.config.rate_limits.min_remaining_ms / 1000
                     try:
-                        await self.admission.admit(submission.priority.rank, submission.session_id, budget)
+                        await self.admission.admit(request.rank, submission.session_id, budget)
                         break
                     except RateLimited as exc:
                         if request.deadline > deadline:
@@ -468,7 +481,7 @@ class Pipeline:
         try:
             if stage is StageName.inference:
                 assert self._queues.inference is not None
-                self._queues.inference.put_nowait(request, request.submission.priority.rank, now)
+                self._queues.inference.put_nowait(request, request.rank, now)
             else:
                 self._queues.send[stage].send_nowait(request)
         except (anyio.WouldBlock, QueueFull):

@@ -68,6 +68,17 @@ class PriorityQueue(Generic[T]):
                 return True
         return False
 
+    def promote(self, item: T, ranks: int) -> bool:
+        """Move `item` forward as if it had arrived `ranks` classes higher (keeping its arrival
+        time); O(n), for the rare request whose class is raised while it waits. Returns whether
+        it was there."""
+        for index, (key, tiebreak, queued) in enumerate(self._heap):
+            if queued is item:
+                self._heap[index] = (key - ranks * self.aging_s, tiebreak, queued)
+                heapq.heapify(self._heap)
+                return True
+        return False
+
     def drain(self) -> list[T]:
         items = [entry[2] for entry in self._heap]
         self._heap.clear()

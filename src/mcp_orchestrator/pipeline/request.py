@@ -24,6 +24,9 @@ class Request:
     deadline: float
     """Absolute anyio clock time after which the request's trip through the stages ends. A flight
     leader's is pushed back to the latest deadline of the followers waiting on it."""
+    rank: int = 2
+    """Scheduling class used in the queues (0 critical .. 3 low): the submission's, raised
+    while a more urgent identical request waits on this one's flight."""
     on_chunk: ChunkSink | None = None
     caller_deadline: float = 0.0
     """When the caller of this request stops waiting (its own deadline, never moved)."""
