@@ -5,9 +5,11 @@ Every helper has a deadline and always stops what it started (terminate, then ki
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -114,27 +116,44 @@ def _wait_until_healthy(server: HttpServer) -> None:
 def http_server(
     *args: str, token: str | None = None, workdir: Path, env: Mapping[str, str] | None = None
 ) -> Iterator[HttpServer]:
-    """Run `mcp-orchestrator --transport http` on a free loopback port until the block ends."""
-    port = free_port()
+    """Run `mcp-orchestrator --transport http --port 0` until the block ends; the port it
+    picked is read from its start-up banner (no free-port race)."""
     extra = dict(env or {})
     if token is not None:
         extra["MCP_ORCHESTRATOR_TOKEN"] = token
-    stderr_path = workdir / f"http-{port}.stderr"
+    stderr_path = workdir / f"http-{next(_SERVER_NUMBERS)}.stderr"
     with stderr_path.open("w", encoding="utf-8") as stderr:
         process = subprocess.Popen(
-            [str(SCRIPT), "--transport", "http", "--host", "127.0.0.1", "--port", str(port), *args],
+            [str(SCRIPT), "--transport", "http", "--host", "127.0.0.1", "--port", "0", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             text=True,
             env=child_env(extra),
         )
-    server = HttpServer(process, port, token, stderr_path)
+    server = HttpServer(process, 0, token, stderr_path)
     try:
+        server.port = _banner_port(server)
         _wait_until_healthy(server)
         yield server
     finally:
         terminate(process)
+
+
+_SERVER_NUMBERS = itertools.count(1)
+BANNER = re.compile(r"MCP at http://127\.0\.0\.1:(\d+)/mcp")
+
+
+def _banner_port(server: HttpServer) -> int:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        match = BANNER.search(server.stderr())
+        if match is not None:
+            return int(match.group(1))
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.stderr()}")
+        time.sleep(0.02)
+    raise RuntimeError(f"no start-up banner within {STARTUP_TIMEOUT_S} s:\n{server.stderr()}")
 
 
 @dataclass

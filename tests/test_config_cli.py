@@ -7,6 +7,7 @@ Most cases call `cli.main` in process (it returns before serving when the config
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,16 @@ def test_metrics_port_on_a_non_loopback_host_needs_allowed_hosts(capsys: pytest.
     assert code == EXIT_USAGE
     assert out == ""
     assert "--allowed-host" in err
+
+
+def test_a_taken_port_is_one_clear_line_and_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = run_cli("--transport", "http", "--port", str(port))
+    assert completed.returncode == 1
+    assert completed.stderr.strip() == (
+        f"mcp-orchestrator: cannot listen on 127.0.0.1:{port}: Address already in use (--port / server.port)"
+    )
+    assert completed.stdout == ""

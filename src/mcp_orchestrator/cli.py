@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from mcp_orchestrator.workers.registry import WorkerSpecError, kinds
 log = logging.getLogger("mcp_orchestrator")
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport", choices=["stdio", "http"], help="stdio (default, for Claude Desktop/Code) or streamable HTTP"
     )
     parser.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one, shown on stderr)")
     parser.add_argument(
         "--allowed-host",
         action="append",
@@ -149,14 +151,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.observability.log_level, config.observability.log_format)
     # SIGHUP reloads the file, with the same flags on top (flags still win).
     reload_from = functools.partial(resolve_config, args) if args.config else None
+    listener = None
+    if config.server.transport == "http":
+        # Bound before anything starts, so a taken port is one clear line, not a traceback.
+        try:
+            listener = _listening_socket(config.server.host, config.server.port)
+        except OSError as exc:
+            where = f"{config.server.host}:{config.server.port}"
+            print(
+                f"mcp-orchestrator: cannot listen on {where}: {exc.strerror or exc} (--port / server.port)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
     try:
-        anyio.run(serve, Orchestrator(config), reload_from, args.config)
+        anyio.run(serve, Orchestrator(config), reload_from, args.config, listener)
     except KeyboardInterrupt:
         pass
+    finally:
+        if listener is not None:
+            listener.close()
     return 0
 
 
-async def serve(orchestrator: Any, reload_from: Callable[[], Config] | None = None, source: str | None = None) -> None:
+async def serve(
+    orchestrator: Any,
+    reload_from: Callable[[], Config] | None = None,
+    source: str | None = None,
+    listener: socket.socket | None = None,
+) -> None:
+    """Run the server until it stops. For HTTP, `listener` is the bound socket (bound here
+    when not given)."""
     config: Config = orchestrator.config
     async with orchestrator, anyio.create_task_group() as tg:
         if config.observability.metrics_port is not None:
@@ -167,7 +191,7 @@ async def serve(orchestrator: Any, reload_from: Callable[[], Config] | None = No
             log.info("serving MCP over stdio with worker %s", orchestrator.pipeline.worker.describe())
             await orchestrator.server.run_stdio_async()
         else:
-            await _serve_http(orchestrator)
+            await _serve_http(orchestrator, listener)
         tg.cancel_scope.cancel()
 
 
@@ -185,7 +209,7 @@ async def _reload_on_sighup(orchestrator: Any, load: Callable[[], Config], sourc
                 log.warning("%s", report.summary())
 
 
-async def _serve_http(orchestrator: Any) -> None:
+async def _serve_http(orchestrator: Any, listener: socket.socket | None = None) -> None:
     import uvicorn
 
     from mcp_orchestrator.http_app import MCP_PATH, build_http_app
@@ -204,13 +228,33 @@ async def _serve_http(orchestrator: Any) -> None:
         access_log=False,
         lifespan="on",
     )
+    # Bound by us rather than by uvicorn so the banner shows the real port (`--port 0` picks one).
+    sock = listener or _listening_socket(server_config.host, server_config.port)
+    port = sock.getsockname()[1]
+    shown_host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
     print(
-        f"mcp-orchestrator {__version__}: MCP at http://{server_config.host}:{server_config.port}{MCP_PATH} "
+        f"mcp-orchestrator {__version__}: MCP at http://{shown_host}:{port}{MCP_PATH} "
         f"(also /healthz, /metrics){' with bearer token' if token else ''}",
         file=sys.stderr,
         flush=True,
     )
-    await uvicorn.Server(uv_config).serve()
+    with sock:
+        await uvicorn.Server(uv_config).serve(sockets=[sock])
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _serve_metrics(orchestrator: Any, port: int) -> None:
