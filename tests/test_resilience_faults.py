@@ -283,11 +283,15 @@ async def test_a_stalled_stream_is_cut_by_the_read_timeout(scripted_faults: Scri
     assert scripted_faults.generations(name) == 1
 
 
-async def test_a_stalled_stream_nobody_watched_is_retried(scripted_faults: ScriptedFaultServer) -> None:
-    """Without a progress token no chunk reached the caller, so starting over repeats nothing."""
+@pytest.mark.parametrize("shared", [False, True], ids=["dedup-off", "dedup-on"])
+async def test_a_stalled_stream_nobody_watched_is_retried(scripted_faults: ScriptedFaultServer, shared: bool) -> None:
+    """Without a progress token no chunk reached the caller, so starting over repeats nothing;
+    also when the call leads a flight that nobody else watches (coalescing on, the default)."""
     name = label("stall-quiet")
     scripted_faults.script(name, "stall:2", "ok")
-    async with serving(with_read_timeout(config_for(open_ai_at(scripted_faults, name)))) as (_, client, _clock):
+    config = with_read_timeout(config_for(open_ai_at(scripted_faults, name)))
+    config.deduplication.enabled = shared
+    async with serving(config) as (_, client, _clock):
         data = answer(await infer(client, "Count to ten"))
     assert data["attempts"] == 2
     assert scripted_faults.generations(name) == 2

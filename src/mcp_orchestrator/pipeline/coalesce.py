@@ -12,7 +12,6 @@ what happens when a member leaves or the flight lands.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,9 +20,7 @@ from pydantic import BaseModel
 from mcp_orchestrator.models import GenerationParams, Message, Provenance, Usage
 
 if TYPE_CHECKING:
-    from mcp_orchestrator.pipeline.request import Request
-
-ChunkSink = Callable[[str], None]
+    from mcp_orchestrator.pipeline.request import ChunkSink, Request
 
 
 def answer_key(worker_kind: str, model: str, messages: tuple[Message, ...], params: GenerationParams) -> str:
@@ -108,11 +105,14 @@ class Flight:
         self.followers.pop(member.id, None)
         self.sinks.pop(member.id, None)
 
-    def broadcast(self, text: str) -> None:
-        """Forward a chunk to every caller still waiting (set as the leader's chunk sink)."""
-        if self.sinks:
-            for sink in tuple(self.sinks.values()):
-                sink(text)
+    def broadcast(self, text: str) -> bool:
+        """Forward a chunk to every caller still waiting (set as the leader's chunk sink);
+        returns whether anyone received it."""
+        if not self.sinks:
+            return False
+        for sink in tuple(self.sinks.values()):
+            sink(text)
+        return True
 
     def land(self) -> list[Request]:
         """End the flight; returns the followers still waiting, in arrival order."""

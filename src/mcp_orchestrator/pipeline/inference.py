@@ -239,9 +239,8 @@ class InferenceCall:
 def _take(answer: Answer, chunk: Chunk, trace: Trace, sink: ChunkSink | None) -> None:
     if chunk.text:
         answer.parts.append(chunk.text)
-        if sink is not None:
-            sink(chunk.text)
-            trace.forwarded += 1
+        if sink is not None and sink(chunk.text) is not False:
+            trace.forwarded += 1  # a caller has seen text: starting over would repeat it
     if chunk.usage is not None:
         answer.usage = chunk.usage
     if chunk.finish_reason is not None:

@@ -13,7 +13,10 @@ from mcp_orchestrator.models import Message, Outcome, Provenance, StageName, Sub
 if TYPE_CHECKING:
     from mcp_orchestrator.pipeline.coalesce import Flight
 
-ChunkSink = Callable[[str], None]
+ChunkSink = Callable[[str], "bool | None"]
+"""Receives the answer's chunks as they stream. A caller's own sink returns None; a flight's
+relay returns whether any caller received the chunk (a retry may start over only while
+nobody has seen any text)."""
 
 
 @dataclass(slots=True, eq=False)
