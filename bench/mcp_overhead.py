@@ -7,6 +7,11 @@ both see the same machine noise. Every `infer` prompt is unique (the cache never
 each call runs the whole pipeline). A second `infer` figure, all cache hits, is printed for
 context, and so is an in-memory run (no transport at all) that shows where the time goes.
 
+A third server, also in the alternation, splits the difference: mcp-orchestrator's MCP
+server with the pipeline bypassed (`infer` returns one canned result; bench/noop_server.py
+`canned`). no-op -> canned is the MCP layer's share (arguments, the structured result,
+the client validating it against the output schema); canned -> infer is the pipeline's.
+
 Target: median `infer` round trip <= 1.2x the no-op tool's.
 
     .venv/bin/python -m bench.mcp_overhead [--calls 400] [--blocks 8]
@@ -23,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 from mcp import Client, StdioServerParameters
@@ -42,6 +48,7 @@ def free_port() -> int:
 
 ORCHESTRATOR = [sys.executable, "-m", "mcp_orchestrator", "--worker", "echo", "--log-level", "warning"]
 NOOP = [sys.executable, "-m", "bench.noop_server"]
+CANNED = [sys.executable, "-m", "bench.noop_server", "canned"]
 
 
 @asynccontextmanager
@@ -91,25 +98,32 @@ async def measure(transport: str, calls: int, blocks: int) -> None:
         return [f"a unique prompt number {next(counter)}" for _ in range(n)]
 
     if transport == "stdio":
-        infer_ctx, noop_ctx = stdio_client(ORCHESTRATOR), stdio_client(NOOP)
+        infer_ctx, noop_ctx, canned_ctx = stdio_client(ORCHESTRATOR), stdio_client(NOOP), stdio_client(CANNED)
     else:
         infer_ctx = http_client(lambda port: [*ORCHESTRATOR, "--transport", "http", "--port", str(port)])
         noop_ctx = http_client(lambda port: [*NOOP, "http", str(port)])
+        canned_ctx = http_client(lambda port: [*CANNED, "http", str(port)])
     infer_ms: list[float] = []
     noop_ms: list[float] = []
-    async with infer_ctx as orchestrator, noop_ctx as noop:
+    canned_ms: list[float] = []
+    async with infer_ctx as orchestrator, noop_ctx as noop, canned_ctx as canned:
         await timed_calls(orchestrator, "infer", prompts(WARMUP))
         await timed_calls(noop, "noop", prompts(WARMUP))
+        await timed_calls(canned, "infer", prompts(WARMUP))
         per_block = calls // blocks
         for _ in range(blocks):
             infer_ms += await timed_calls(orchestrator, "infer", prompts(per_block))
             noop_ms += await timed_calls(noop, "noop", prompts(per_block))
+            canned_ms += await timed_calls(canned, "infer", prompts(per_block))
         repeated = await timed_calls(orchestrator, "infer", ["the same prompt"] * per_block)
     ratio = statistics.median(infer_ms) / statistics.median(noop_ms)
     mean_ratio = statistics.fmean(infer_ms) / statistics.fmean(noop_ms)
+    canned_ratio = statistics.median(canned_ms) / statistics.median(noop_ms)
     row(f"{transport}: no-op tool", summary(noop_ms))
     row(f"{transport}: infer (echo, every call a new prompt)", summary(infer_ms))
     row(f"{transport}: infer (same prompt: cache hits)", summary(repeated[1:]))
+    row(f"{transport}: infer, pipeline bypassed (canned)", summary(canned_ms))
+    row(f"{transport}: canned infer / no-op", f"median {canned_ratio:.2f}x (the MCP layer's share)")
     row(f"{transport}: infer / no-op", f"median {ratio:.2f}x, mean {mean_ratio:.2f}x")
     verdict(f"{transport}: infer <= 1.2x no-op (median)", ratio <= TARGET, f"{ratio:.2f}x")
 
@@ -126,6 +140,7 @@ async def in_memory(calls: int) -> None:
     from bench.noop_server import server as noop_server
     from mcp_orchestrator.app import Orchestrator
     from mcp_orchestrator.config import Config
+    from mcp_orchestrator.models import InferResult, Submission
 
     counter = itertools.count()
     orchestrator = Orchestrator(Config())
@@ -136,9 +151,17 @@ async def in_memory(calls: int) -> None:
         noop_ms = await timed_calls(noop, "noop", unique[WARMUP:])
         infer_ms = await timed_calls(client, "infer", [f"{p}!" for p in unique[WARMUP:]])
         hits_ms = await timed_calls(client, "infer", ["the same prompt"] * calls)
+        answer = await orchestrator.infer(Submission(prompt="a canned answer for every prompt"))
+
+        async def canned(submission: Submission, on_chunk: Any = None) -> InferResult:
+            return answer
+
+        orchestrator.infer = canned  # type: ignore[method-assign]
+        canned_ms = await timed_calls(client, "infer", [f"{p}?" for p in unique[WARMUP:]])
     row("in memory: no-op tool", summary(noop_ms))
     row("in memory: infer (new prompts)", summary(infer_ms))
     row("in memory: infer (cache hits)", summary(hits_ms[1:]))
+    row("in memory: infer, pipeline bypassed (canned)", summary(canned_ms))
     row("in memory: infer / no-op", f"median {statistics.median(infer_ms) / statistics.median(noop_ms):.2f}x")
 
 

@@ -1,15 +1,24 @@
-"""The baseline server for bench/mcp_overhead.py: the same SDK server kind with one no-op tool.
+"""Baseline servers for bench/mcp_overhead.py.
 
-Served like mcp-orchestrator serves itself (same uvicorn settings over HTTP: no access
-log, lifespan on, SSE responses at /mcp), so only the tool's own work differs.
+`noop`: the same SDK server kind as mcp-orchestrator with one no-op tool, served like
+mcp-orchestrator serves itself (same uvicorn settings over HTTP: no access log, lifespan
+on, SSE responses at /mcp), so only the tool's own work differs.
 
-    .venv/bin/python -m bench.noop_server            # stdio
-    .venv/bin/python -m bench.noop_server http PORT  # streamable HTTP on 127.0.0.1:PORT
+`canned`: mcp-orchestrator's own MCP server (its tools, middleware and HTTP app) whose
+pipeline is bypassed: `infer` answers every call with one result computed at start-up.
+It separates what the MCP layer costs for `infer` (arguments, the structured result and
+its output schema) from what the pipeline costs.
+
+    .venv/bin/python -m bench.noop_server                    # no-op, stdio
+    .venv/bin/python -m bench.noop_server http PORT          # no-op, streamable HTTP on 127.0.0.1:PORT
+    .venv/bin/python -m bench.noop_server canned             # canned infer, stdio
+    .venv/bin/python -m bench.noop_server canned http PORT   # canned infer, streamable HTTP
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import anyio
 import uvicorn
@@ -24,16 +33,43 @@ async def noop(prompt: str) -> str:
     return prompt
 
 
-async def serve_http(port: int) -> None:
-    app = server.streamable_http_app(streamable_http_path="/mcp", json_response=False, host="127.0.0.1")
+async def serve_http(app: Any, port: int) -> None:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_config=None, log_level="warning", access_log=False, lifespan="on"
     )
     await uvicorn.Server(config).serve()
 
 
+async def serve_canned(http_port: int | None) -> None:
+    from mcp_orchestrator.app import Orchestrator
+    from mcp_orchestrator.config import Config
+    from mcp_orchestrator.http_app import build_http_app
+    from mcp_orchestrator.models import InferResult, Submission
+
+    orchestrator = Orchestrator(Config())
+    async with orchestrator:
+        answer = await orchestrator.infer(Submission(prompt="a canned answer for every prompt"))
+
+        async def canned(submission: Submission, on_chunk: Any = None) -> InferResult:
+            return answer
+
+        orchestrator.infer = canned  # type: ignore[method-assign]
+        if http_port is None:
+            await orchestrator.server.run_stdio_async()
+        else:
+            await serve_http(build_http_app(orchestrator, "127.0.0.1", [], [], None), http_port)
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["http"]:
-        anyio.run(serve_http, int(sys.argv[2]))
+    args = sys.argv[1:]
+    is_canned = args[:1] == ["canned"]
+    if is_canned:
+        args = args[1:]
+    port = int(args[1]) if args[:1] == ["http"] else None
+    if is_canned:
+        anyio.run(serve_canned, port)
+    elif port is not None:
+        app = server.streamable_http_app(streamable_http_path="/mcp", json_response=False, host="127.0.0.1")
+        anyio.run(serve_http, app, port)
     else:
         server.run()

@@ -6,7 +6,7 @@ Depends on nothing but pydantic, so any layer may import it.
 from __future__ import annotations
 
 from enum import IntEnum, StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,12 +78,20 @@ class GenerationParams(BaseModel):
 
 
 class Usage(BaseModel):
+    """Token counts as the backend reported them (or as the worker estimated them)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     input_tokens: int = 0
+    """Tokens in the prompt the backend received (system prompt and context included)."""
     output_tokens: int = 0
+    """Tokens generated."""
 
 
 class StageTimings(BaseModel):
     """Milliseconds spent in each stage (queueing before it included)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     rag: float = 0.0
     assemble: float = 0.0
@@ -97,17 +105,28 @@ class StageTimings(BaseModel):
 class InferResult(BaseModel):
     """The structured result of one `infer` call."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     request_id: str
+    """This request's id (dead letters and logs name it too)."""
     text: str
+    """The answer, after stop sequences and length caps (the same text as the text content)."""
     worker: str
+    """Kind of the worker that answered (echo, llama_cpp, open_ai, pool, ...)."""
     model: str
+    """Model that answered."""
     usage: Usage
     finish_reason: str | None = None
+    """Why generation ended: stop, length, or the backend's own reason."""
     latency_ms: float
+    """Milliseconds from submission to the answer, inside the pipeline."""
     stage_ms: StageTimings
     coalesced: bool = False
+    """Whether the answer was shared from an identical request in flight."""
     cached: bool = False
+    """Whether the answer came from the result cache."""
     attempts: int = Field(default=1, ge=0)
+    """Backend calls this request made itself (0 when the answer was shared or cached)."""
     provenance: Provenance | None = None
     """Which backend answered, after how many calls, and which hops failed on the way."""
 
@@ -203,6 +222,8 @@ BreakerStateName = Literal["closed", "open", "half_open"]
 class Hop(BaseModel):
     """One backend call that did not give the answer (a retry or a fallback step)."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     worker: str
     error: str
     status: int | None = None
@@ -212,6 +233,8 @@ class Hop(BaseModel):
 
 class Provenance(BaseModel):
     """Where an answer came from."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     worker: str
     """The backend (breaker name) that produced the answer."""
@@ -241,3 +264,65 @@ class BreakerStatus(BaseModel):
 
 InferResult.model_rebuild()
 PipelineStatus.model_rebuild()
+
+
+_SUBSCHEMA_KEYS = ("items", "additionalProperties", "not", "contains", "propertyNames")
+_SUBSCHEMA_LIST_KEYS = ("anyOf", "allOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAP_KEYS = ("properties", "patternProperties")
+
+
+def flat_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s serialization JSON schema with the same meaning in a shape that is cheap to validate.
+
+    MCP clients validate every structured result against the tool's output schema (the SDK
+    does it with jsonschema, in Python, on each call), and each `$ref` lookup and `anyOf`
+    branch is a sub-validator of its own. So: `$ref`s into `$defs` are inlined (the model
+    has no recursive types), an optional field's `anyOf: [X, {"type": "null"}]` becomes X
+    with "null" added to its `type` (or None to its `enum`), and pydantic's generated
+    `title`s (field names in title case) are dropped. Descriptions, defaults, bounds and
+    `required` lists stay as pydantic wrote them.
+    """
+    schema = model.model_json_schema(mode="serialization")
+    definitions: dict[str, Any] = schema.pop("$defs", {})
+    return _flatten(schema, definitions, ())
+
+
+def _flatten(node: dict[str, Any], definitions: dict[str, Any], seen: tuple[str, ...]) -> dict[str, Any]:
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        name = ref.removeprefix("#/$defs/")
+        if name == ref or name in seen:
+            raise ValueError(f"cannot inline {ref!r}: only non-recursive local $defs are supported")
+        siblings = {key: value for key, value in node.items() if key != "$ref"}
+        return _flatten({**definitions[name], **siblings}, definitions, (*seen, name))
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "title" and isinstance(value, str):
+            continue
+        if key in _SUBSCHEMA_MAP_KEYS:
+            flat[key] = {name: _flatten(sub, definitions, seen) for name, sub in value.items()}
+        elif key in _SUBSCHEMA_LIST_KEYS:
+            flat[key] = [_flatten(sub, definitions, seen) for sub in value]
+        elif key in _SUBSCHEMA_KEYS and isinstance(value, dict):
+            flat[key] = _flatten(value, definitions, seen)
+        else:
+            flat[key] = value
+    nullable = _nullable(flat.get("anyOf"))
+    if nullable is not None:
+        del flat["anyOf"]
+        flat = {**nullable, **flat}
+    return flat
+
+
+def _nullable(branches: Any) -> dict[str, Any] | None:
+    """`X` with null allowed, for `anyOf: [X, {"type": "null"}]` where X has a plain `type`; else None."""
+    if not isinstance(branches, list) or len(branches) != 2 or {"type": "null"} not in branches:
+        return None
+    other = branches[0] if branches[1] == {"type": "null"} else branches[1]
+    kind = other.get("type")
+    if not isinstance(kind, str) or any(key in other for key in ("anyOf", "allOf", "oneOf", "const")):
+        return None
+    merged = {**other, "type": [kind, "null"]}
+    if "enum" in other:
+        merged["enum"] = [*other["enum"], None]
+    return merged

@@ -19,7 +19,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from mcp_orchestrator import __version__
 from mcp_orchestrator.errors import OrchestratorError
@@ -31,6 +33,7 @@ from mcp_orchestrator.models import (
     PipelineStatus,
     Priority,
     Submission,
+    flat_json_schema,
 )
 from mcp_orchestrator.tool_guard import ToolArgumentGuard
 from mcp_orchestrator.workers.base import WorkerError
@@ -54,6 +57,15 @@ PROGRESS_BUFFER = 256
 PROGRESS_DRAIN_S = 5.0
 MAX_STOP_SEQUENCES = 16
 MAX_SESSION_ID = 256
+
+
+class InferOutput(InferResult):
+    """InferResult as `infer` and `replay_dead_letter` publish it: the same fields, with the flat
+    output schema of `flat_json_schema` (cheap for clients to validate every result against)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return flat_json_schema(InferResult)
 
 
 class DeadLetterList(BaseModel):
@@ -133,7 +145,7 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
         ] = None,
         dedup: Annotated[bool, Field(description="Share the answer of an identical request in flight.")] = True,
         cache: Annotated[bool, Field(description="Answer from (and store into) the result cache.")] = True,
-    ) -> Annotated[CallToolResult, InferResult]:
+    ) -> Annotated[CallToolResult, InferOutput]:
         """Run a prompt through the pipeline on the configured worker and return the answer.
 
         The text content is the answer; the structured result adds request id, worker,
@@ -203,7 +215,7 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
     async def replay_dead_letter(
         ctx: Context,
         id: Annotated[str, Field(min_length=1, max_length=64, description="A dead letter id such as dl-12.")],
-    ) -> Annotated[CallToolResult, InferResult]:
+    ) -> Annotated[CallToolResult, InferOutput]:
         """Submit a dead letter's original request again and return its result."""
         entry = orchestrator.pipeline.dead_letters.get(id)
         if entry is None:
