@@ -14,8 +14,8 @@ from anyio.abc import TaskGroup
 from mcp import Client
 from mcp.types import CallToolResult
 
-from mcp_orchestrator.errors import RequestShed
-from mcp_orchestrator.models import Outcome, Priority, Submission
+from mcp_orchestrator.errors import OrchestratorError, RequestShed
+from mcp_orchestrator.models import Outcome, Priority, StageName, Submission
 from mcp_orchestrator.pipeline import Pipeline
 from mcp_orchestrator.workers.echo import EchoWorker
 from tests.conftest import error_text, make_config, running, status_of, totals_of, wait_for
@@ -156,18 +156,34 @@ def quick_submissions(pipeline: Pipeline, count: int) -> list[Any]:
     ]
 
 
+class HeldRetrieval:
+    """A context source that holds every retrieval until released: the RAG stage stays busy
+    (as with a slow vector store), so its queue fills."""
+
+    def __init__(self) -> None:
+        self.release = anyio.Event()
+
+    async def retrieve(self, query: str, session_id: str | None, max_tokens: int) -> list[str]:
+        await self.release.wait()
+        return []
+
+
 async def test_full_rag_queue_sheds_and_the_ring_keeps_only_the_newest() -> None:
-    """RAG queue of 1: the idle RAG task takes the first request, the queue holds the second,
-    the next five are shed (dl-1 .. dl-5) and a ring of 3 keeps dl-3 .. dl-5."""
+    """RAG queue of 1 behind a slow context source: the idle RAG task takes the first request,
+    the queue holds the second, the next five are shed (dl-1 .. dl-5) and a ring of 3 keeps
+    dl-3 .. dl-5."""
     config = make_config(stages={"rag": {"channel_capacity": 1}}, pipeline={"dead_letter_capacity": 3})
     async with running(config) as (orchestrator, client):
+        held = HeldRetrieval()
+        orchestrator.pipeline.context_source = held
         with anyio.fail_after(TEST_TIMEOUT_S):
             requests = quick_submissions(orchestrator.pipeline, 7)
-            accepted = [await orchestrator.pipeline.wait(request) for request in requests[:2]]
             for request in requests[2:]:
                 assert request.outcome is Outcome.shed
                 assert isinstance(request.error, RequestShed)
                 assert request.error.stage == "rag"
+            held.release.set()
+            accepted = [await orchestrator.pipeline.wait(request) for request in requests[:2]]
             everything = await dead_letters(client)
             newest_two = await dead_letters(client, limit=2)
             one_session = await dead_letters(client, session_id="s5")
@@ -194,6 +210,41 @@ async def test_full_rag_queue_sheds_and_the_ring_keeps_only_the_newest() -> None
     assert status["stages"][0]["shed"] == 5
     assert status["totals"]["shed"] == 5
     assert status["totals"]["completed"] == 2
+
+
+async def test_a_bug_in_a_stage_fails_that_request_only_whether_it_queued_or_not() -> None:
+    """Light stages run a request at once when their task is idle, or from their queue when
+    it is not: either way a stage that raises fails that one request with a dead letter."""
+    async with running() as (orchestrator, client):
+        pipeline = orchestrator.pipeline
+        post_process = pipeline._work[StageName.post_process]
+
+        def fragile(request: Any, enabled: bool) -> None:
+            if "boom" in request.submission.prompt:
+                raise RuntimeError("post-processor bug")
+            post_process(request, enabled)
+
+        pipeline._work[StageName.post_process] = fragile
+        with anyio.fail_after(TEST_TIMEOUT_S):
+            direct = await client.call_tool("infer", {"prompt": "boom now", "cache": False})
+            fine = await client.call_tool("infer", {"prompt": "fine now", "cache": False})
+            # Many at once: later ones queue behind the first while the stage task is busy.
+            burst = quick_submissions(pipeline, 20)
+            booms = [pipeline.submit(Submission(prompt=f"boom {index}", dedup=False)) for index in range(3)]
+            outcomes = []
+            for request in [*burst, *booms]:
+                try:
+                    outcomes.append((await pipeline.wait(request)).text)
+                except OrchestratorError as exc:
+                    outcomes.append(str(exc))
+            letters = await dead_letters(client, reason="internal_error")
+            status = await status_of(client)
+    assert "internal error in the post_process stage: post-processor bug" in error_text(direct)
+    assert not fine.is_error and fine.content[0].text == "fine now"
+    assert outcomes[:20] == [f"request {index}" for index in range(20)]
+    assert all("post-processor bug" in outcome for outcome in outcomes[20:])
+    assert letters["total"] == 4 and {entry["stage"] for entry in letters["entries"]} == {"post_process"}
+    assert status["totals"]["completed"] == 21 and status["totals"]["failed"] == 4
 
 
 # ---------------------------------------------------------------------------- deadlines and timeouts

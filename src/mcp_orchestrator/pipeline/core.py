@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from prometheus_client.core import Metric
@@ -145,6 +146,14 @@ class Pipeline:
         self._queues = _Queues()
         self._task_group: TaskGroup | None = None
         self._seq = itertools.count()
+        self._work: dict[StageName, Callable[[Request, bool], None]] = {
+            StageName.rag: self._rag,
+            StageName.assemble: self._assemble,
+            StageName.post_process: self._post_process,
+            StageName.stream: self._stream,
+        }
+        self._idle: dict[StageName, bool] = {}
+        """Light stages whose task waits on an empty queue (a request may skip the hop)."""
         self._time: Callable[[], float] = anyio.current_time
         """The event loop's clock (cancel scopes and deadlines use it); a cheaper reader once running."""
         self._id_prefix = secrets.token_hex(10)
@@ -203,12 +212,12 @@ class Pipeline:
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                tg.start_soon(self._light_stage, StageName.rag, self._rag, name="stage:rag")
-                tg.start_soon(self._light_stage, StageName.assemble, self._assemble, name="stage:assemble")
+                tg.start_soon(self._light_stage, StageName.rag, name="stage:rag")
+                tg.start_soon(self._light_stage, StageName.assemble, name="stage:assemble")
                 for index in range(stages.inference.concurrency):
                     tg.start_soon(self._inference_loop, name=f"stage:inference:{index}")
-                tg.start_soon(self._light_stage, StageName.post_process, self._post_process, name="stage:post_process")
-                tg.start_soon(self._light_stage, StageName.stream, self._stream, name="stage:stream")
+                tg.start_soon(self._light_stage, StageName.post_process, name="stage:post_process")
+                tg.start_soon(self._light_stage, StageName.stream, name="stage:stream")
                 try:
                     yield
                 finally:
@@ -478,14 +487,28 @@ class Pipeline:
         if stage is not StageName.rag:
             self.stage_counters[request.stage].processed += 1
         request.enter(stage, now)
+        if self._idle.get(stage) and self._runs_inline(stage):
+            # Nobody is queued ahead and the stage's task waits for work: do the stage's
+            # (synchronous) work right here instead of a queue hop and a task switch.
+            self._idle[stage] = False
+            try:
+                self._run_sync(stage, request)
+            finally:
+                self._idle[stage] = True
+            return
         try:
             if stage is StageName.inference:
                 assert self._queues.inference is not None
                 self._queues.inference.put_nowait(request, request.rank, now)
             else:
                 self._queues.send[stage].send_nowait(request)
+                self._idle[stage] = False  # its task has work now
         except (anyio.WouldBlock, QueueFull):
             self._shed(request, stage)
+
+    def _runs_inline(self, stage: StageName) -> bool:
+        """Whether `stage`'s work is synchronous (RAG awaits its context source)."""
+        return stage is not StageName.rag or self.context_source is None or not self.config.stages.rag.enabled
 
     def _shed(self, request: Request, stage: StageName) -> None:
         capacity = self._capacity(stage)
@@ -545,30 +568,58 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the stages
 
-    async def _light_stage(self, stage: StageName, work: Any) -> None:
-        """Run `work` on each request of `stage`'s queue, one at a time.
+    async def _light_stage(self, stage: StageName) -> None:
+        """Run the stage's work on each request of its queue, in order.
 
-        The light stages are synchronous (no await, so no timeout can fire inside
-        them); only RAG with a context source awaits, and it runs under its timeout.
+        The light stages are synchronous (no await, so no timeout can fire inside them);
+        only RAG with a context source awaits, and it runs under its timeout. While the
+        queue is empty the stage is marked idle, and `_forward` runs the next request's
+        work at once in the handing task (see there). Up to BATCH queued requests are
+        taken per checkpoint.
         """
         section = getattr(self.config.stages, stage.value)
         async with self._queues.receive[stage] as receive:
-            async for request in receive:  # one checkpoint per batch, not per request
-                await self._run_light(stage, section, work, request)
-                for _ in range(BATCH - 1):
+            taken = 0
+            while True:
+                try:
+                    request = receive.receive_nowait()
+                except anyio.WouldBlock:
+                    self._idle[stage] = True
                     try:
-                        request = receive.receive_nowait()
-                    except anyio.WouldBlock:
-                        break
-                    await self._run_light(stage, section, work, request)
+                        request = await receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                    finally:
+                        self._idle[stage] = False
+                    taken = 0
+                if self._runs_inline(stage):
+                    self._run_sync(stage, request)
+                else:
+                    await self._run_retrieval(request, section.timeout_ms)
+                taken += 1
+                if taken >= BATCH:  # let other tasks run between long batches
+                    taken = 0
+                    await anyio.lowlevel.checkpoint()
 
-    async def _run_light(self, stage: StageName, section: Any, work: Any, request: Request) -> None:
+    async def _run_retrieval(self, request: Request, timeout_ms: int) -> None:
+        """RAG with a context source: retrieve under the stage timeout, then the stage's work."""
         if request.finished:
             return
         try:
-            if stage is StageName.rag and section.enabled and self.context_source is not None:
-                await self._retrieve(request, section.timeout_ms)
-            work(request, section.enabled)
+            await self._retrieve(request, timeout_ms)
+        except Exception as exc:  # a broken context source fails one request, not the pipeline
+            log.exception("stage rag failed on request %s", request.id)
+            self._fail(
+                request, OrchestratorError(f"internal error in the rag stage: {exc}"), DeadLetterReason.internal_error
+            )
+            return
+        self._run_sync(StageName.rag, request)
+
+    def _run_sync(self, stage: StageName, request: Request) -> None:
+        if request.finished:
+            return
+        try:
+            self._work[stage](request, getattr(self.config.stages, stage.value).enabled)
         except Exception as exc:  # a bug in a stage must fail one request, not the pipeline
             log.exception("stage %s failed on request %s", stage.value, request.id)
             error = OrchestratorError(f"internal error in the {stage.value} stage: {exc}")
