@@ -5,11 +5,20 @@ A real llama-server with Gemma 3 270M is started (as the tests do, tests/support
 Every round sends the same streaming chat request (temperature 0, seed, max_tokens 4, so
 the server's prompt cache makes its own time short and steady) four ways, in an order
 that rotates each round so all see the same machine noise:
-- direct: httpx2 streaming POST /v1/chat/completions, read to `[DONE]`;
+- direct: a streaming POST /v1/chat/completions of the very bytes the worker sends (captured
+  from it during warm-up), on a client built like the orchestrator's (transport.new_client),
+  read to `[DONE]`;
 - pipeline: `Orchestrator.infer` with the llama_cpp worker (no MCP);
 - MCP: `infer` through an in-memory MCP client (what Claude's call costs, minus the transport);
+  no progress token, so no progress notifications (the direct side streams either way);
 - litellm Router against the same server, when `litellm` is installed (a peer figure).
 Cache and coalescing are off for every call: each one reaches the backend.
+
+Fairness is checked, not assumed: during warm-up every path's requests are traced and the
+run prints whether the bodies were identical and how many TCP connections each call opened.
+llama-server closes the connection after every streamed answer (whatever the request's
+Connection header; it keeps it only for non-streamed ones), so every path, the direct one
+included, connects once per call: nobody has a warm connection to reuse.
 
 Target: added p50 (MCP infer p50 - direct p50) <= 2 ms.
 
@@ -31,9 +40,10 @@ from mcp import Client
 from tests.support_llama import llama_server
 
 from bench.common import header, percentile, row, verdict
-from mcp_orchestrator.app import Orchestrator
+from mcp_orchestrator.app import Orchestrator, http_settings
 from mcp_orchestrator.config import config_from_mapping
 from mcp_orchestrator.models import GenerationParams, Submission
+from mcp_orchestrator.workers.transport import new_client
 
 TARGET_ADDED_MS = 2.0
 WARMUP = 20
@@ -44,18 +54,12 @@ SEED = 7
 Call = Callable[[], Awaitable[str]]
 
 
-def direct_call(client: httpx2.AsyncClient, root: str) -> Call:
-    body = {
-        "messages": [{"role": "user", "content": PROMPT}],
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "seed": SEED,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+def direct_call(client: httpx2.AsyncClient, url: str, body: bytes) -> Call:
+    """POST `body` (the worker's own request bytes) and read the stream to [DONE]."""
+    headers = {"content-type": "application/json"}
 
     async def call() -> str:
-        for _ in range(3):  # llama-server drops some kept-alive connections: send again, as any client must
+        for _ in range(3):  # a pooled connection the server already closed: send again, as the worker does
             try:
                 return await once()
             except httpx2.RemoteProtocolError:
@@ -64,7 +68,8 @@ def direct_call(client: httpx2.AsyncClient, root: str) -> Call:
 
     async def once() -> str:
         parts = []
-        async with client.stream("POST", f"{root}/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", url, content=body, headers=headers) as response:
+            response.raise_for_status()
             async for line in response.aiter_lines():
                 if line.startswith("data: ") and line != "data: [DONE]":
                     for choice in json.loads(line[6:]).get("choices", []):
@@ -72,6 +77,32 @@ def direct_call(client: httpx2.AsyncClient, root: str) -> Call:
         return "".join(parts).strip()
 
     return call
+
+
+class Tracer:
+    """Request hooks that record each request's body and count the TCP connections it opens
+    (httpcore2's `trace` extension). Installed during warm-up only."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.connects = 0
+
+    async def on_request(self, request: httpx2.Request) -> None:
+        self.bodies.append(request.content)
+        request.extensions["trace"] = self.on_event
+
+    async def on_event(self, name: str, info: dict[str, Any]) -> None:
+        if name == "connection.connect_tcp.started":
+            self.connects += 1
+
+    def install(self, *clients: httpx2.AsyncClient) -> None:
+        for client in clients:
+            client.event_hooks = {"request": [self.on_request], "response": []}
+
+    @staticmethod
+    def remove(*clients: httpx2.AsyncClient) -> None:
+        for client in clients:
+            client.event_hooks = {"request": [], "response": []}
 
 
 def pipeline_call(orchestrator: Orchestrator) -> Call:
@@ -143,9 +174,16 @@ async def measure(rounds: int) -> None:
             "bench",
         )
         orchestrator = Orchestrator(config)
-        async with httpx2.AsyncClient(timeout=60) as http, orchestrator, Client(orchestrator.server) as client:
+        http = new_client(http_settings(config))  # the same client, settings and pool as the workers'
+        async with http, orchestrator, Client(orchestrator.server) as client:
+            # The direct side sends exactly the bytes the worker sends: capture them first.
+            capture = Tracer()
+            capture.install(orchestrator.http)
+            await pipeline_call(orchestrator)()
+            Tracer.remove(orchestrator.http)
+            worker_body = capture.bodies[-1]
             calls: dict[str, Call] = {
-                "direct": direct_call(http, server.root),
+                "direct": direct_call(http, f"{server.root}/v1/chat/completions", worker_body),
                 "pipeline": pipeline_call(orchestrator),
                 "mcp": mcp_call(client),
             }
@@ -153,9 +191,14 @@ async def measure(rounds: int) -> None:
             if peer is not None:
                 calls["litellm"] = peer
             answers = {name: await call() for name, call in calls.items()}
+            tracers = {name: Tracer() for name in calls}
             for _ in range(WARMUP):
-                for call in calls.values():
+                for name, call in calls.items():
+                    if name != "litellm":
+                        tracers[name].install(http if name == "direct" else orchestrator.http)
                     await call()
+                    Tracer.remove(http, orchestrator.http)
+            checks = {name: tracer for name, tracer in tracers.items() if name != "litellm"}
             times: dict[str, list[float]] = {name: [] for name in calls}
             orders = itertools.cycle(itertools.permutations(calls))
             for _ in range(rounds):
@@ -163,13 +206,29 @@ async def measure(rounds: int) -> None:
                     started = time.perf_counter()
                     await calls[name]()
                     times[name].append((time.perf_counter() - started) * 1000)
-    report(times, answers, peer is not None)
+    report(times, answers, peer is not None, worker_body, checks)
 
 
-def report(times: dict[str, list[float]], answers: dict[str, Any], has_peer: bool) -> None:
+def report(
+    times: dict[str, list[float]],
+    answers: dict[str, Any],
+    has_peer: bool,
+    worker_body: bytes,
+    checks: dict[str, Tracer],
+) -> None:
     header("backend overhead: infer through the orchestrator vs straight to llama-server")
     row("rounds (each way)", str(len(times["direct"])))
     row("answers identical", str(len(set(answers.values())) == 1) + f" ({answers['direct']!r})")
+    sent = json.loads(worker_body)
+    same = all(body == worker_body for tracer in checks.values() for body in tracer.bodies)
+    row(
+        "request bodies identical (warm-up)",
+        f"{same} ({len(worker_body)} bytes, stream={sent.get('stream')}, max_tokens={sent.get('max_tokens')})",
+    )
+    row(
+        "TCP connects per call (warm-up)",
+        ", ".join(f"{name} {tracer.connects / max(1, len(tracer.bodies)):.2f}" for name, tracer in checks.items()),
+    )
     labels = {
         "direct": "direct to llama-server",
         "pipeline": "Orchestrator.infer (pipeline, no MCP)",

@@ -7,18 +7,23 @@ Stream shape: `message_start` (input token count), `content_block_start`, `ping`
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from typing import Any, ClassVar
-
-import httpx2
 
 from mcp_orchestrator.models import GenerationParams, Message, Usage
 from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import key_hint
-from mcp_orchestrator.workers.transport import Endpoint, decode_event, drain, ended_early, request_json, stream_events
+from mcp_orchestrator.workers.transport import (
+    Endpoint,
+    EventStream,
+    decode_event,
+    ended_early,
+    open_event_stream,
+    request_json,
+)
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 API_VERSION = "2023-06-01"
@@ -69,8 +74,10 @@ class AnthropicWorker(HttpWorker):
             answer = await request_json(self.http, endpoint, "POST", self.messages_path, body)
             yield message_chunk(endpoint, answer)
             return
-        events = stream_events(self.http, endpoint, self.messages_path, body)
-        async with aclosing(events), aclosing(read_messages_stream(endpoint, events)) as chunks:
+        async with (
+            open_event_stream(self.http, endpoint, self.messages_path, body) as events,
+            aclosing(read_messages_stream(endpoint, events)) as chunks,
+        ):
             async for chunk in chunks:
                 yield chunk
 
@@ -83,41 +90,42 @@ class AnthropicWorker(HttpWorker):
         await request_json(self.http, self.endpoint, "GET", self.models_path)
 
 
-async def read_messages_stream(
-    endpoint: Endpoint, events: AsyncIterator[httpx2.ServerSentEvent]
-) -> AsyncGenerator[Chunk, None]:
+async def read_messages_stream(endpoint: Endpoint, events: EventStream) -> AsyncGenerator[Chunk, None]:
     """Messages SSE events -> chunks; the last chunk carries usage and the stop reason."""
     input_tokens = output_tokens = 0
     stop_reason: str | None = None
     stopped = False
-    async for event in events:
-        if event.event == "ping":
-            continue
-        data = decode_event(endpoint, event)
-        kind = data.get("type", event.event)
-        if kind == "error":
-            raise taxonomy.event_error(endpoint.backend, data, endpoint.secrets)
-        if kind == "message_start":
-            message = data.get("message")
-            usage = message.get("usage") if isinstance(message, dict) else None
-            input_tokens = _input_tokens(endpoint, usage, input_tokens)
-            output_tokens = _count(endpoint, usage, "output_tokens", output_tokens)
-        elif kind == "content_block_delta":
-            delta = data.get("delta")
-            if not isinstance(delta, dict):
-                raise taxonomy.malformed(endpoint.backend, "content_block_delta without a delta object", event.data)
-            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str) and delta["text"]:
-                yield Chunk(delta["text"])
-        elif kind == "message_delta":
-            delta = data.get("delta")
-            if isinstance(delta, dict) and delta.get("stop_reason"):
-                stop_reason = str(delta["stop_reason"])
-            usage = data.get("usage")
-            output_tokens = _count(endpoint, usage, "output_tokens", output_tokens)
-            input_tokens = _input_tokens(endpoint, usage, input_tokens)
-        elif kind == "message_stop":
-            stopped = True
-            await drain(events)
+    async for batch in events:
+        for event in batch:
+            if event.event == "ping":
+                continue
+            data = decode_event(endpoint, event)
+            kind = data.get("type", event.event)
+            if kind == "error":
+                raise taxonomy.event_error(endpoint.backend, data, endpoint.secrets)
+            if kind == "message_start":
+                message = data.get("message")
+                usage = message.get("usage") if isinstance(message, dict) else None
+                input_tokens = _input_tokens(endpoint, usage, input_tokens)
+                output_tokens = _count(endpoint, usage, "output_tokens", output_tokens)
+            elif kind == "content_block_delta":
+                delta = data.get("delta")
+                if not isinstance(delta, dict):
+                    raise taxonomy.malformed(endpoint.backend, "content_block_delta without a delta object", event.data)
+                if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str) and delta["text"]:
+                    yield Chunk(delta["text"])
+            elif kind == "message_delta":
+                delta = data.get("delta")
+                if isinstance(delta, dict) and delta.get("stop_reason"):
+                    stop_reason = str(delta["stop_reason"])
+                usage = data.get("usage")
+                output_tokens = _count(endpoint, usage, "output_tokens", output_tokens)
+                input_tokens = _input_tokens(endpoint, usage, input_tokens)
+            elif kind == "message_stop":
+                stopped = True
+                break
+        if stopped:
+            await events.drain()
             break
     if not stopped:
         raise ended_early(endpoint, "message_stop")

@@ -8,18 +8,23 @@ chunk with `usage` (and empty `choices`), then `data: [DONE]`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, ClassVar
-
-import httpx2
 
 from mcp_orchestrator.models import GenerationParams, Message, Usage
 from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import key_hint
-from mcp_orchestrator.workers.transport import Endpoint, decode_event, drain, ended_early, request_json, stream_events
+from mcp_orchestrator.workers.transport import (
+    Endpoint,
+    EventStream,
+    decode_event,
+    ended_early,
+    open_event_stream,
+    request_json,
+)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DONE = "[DONE]"
@@ -60,8 +65,10 @@ class OpenAIWorker(HttpWorker):
             answer = await request_json(self.http, self.endpoint, "POST", self.chat_path, body)
             yield completion_chunk(self.endpoint, answer)
             return
-        events = stream_events(self.http, self.endpoint, self.chat_path, body)
-        async with aclosing(events), aclosing(read_chat_stream(self.endpoint, events)) as chunks:
+        async with (
+            open_event_stream(self.http, self.endpoint, self.chat_path, body) as events,
+            aclosing(read_chat_stream(self.endpoint, events)) as chunks,
+        ):
             async for chunk in chunks:
                 yield chunk
 
@@ -75,30 +82,31 @@ class OpenAIWorker(HttpWorker):
         await request_json(self.http, self.endpoint, "GET", self.models_path)
 
 
-async def read_chat_stream(
-    endpoint: Endpoint, events: AsyncIterator[httpx2.ServerSentEvent]
-) -> AsyncGenerator[Chunk, None]:
+async def read_chat_stream(endpoint: Endpoint, events: EventStream) -> AsyncGenerator[Chunk, None]:
     """Chat-completion SSE events -> chunks; the last chunk carries usage and finish reason."""
     usage: Usage | None = None
     finish: str | None = None
     done = False
-    async for event in events:
-        if event.data == DONE:
-            done = True
-            await drain(events)
+    async for batch in events:
+        for event in batch:
+            if event.data == DONE:
+                done = True
+                break
+            data = decode_event(endpoint, event)
+            if "error" in data:
+                raise taxonomy.event_error(endpoint.backend, data, endpoint.secrets)
+            if data.get("usage"):
+                usage = _usage(endpoint, data["usage"])
+            for choice in _choices(endpoint, data):
+                delta = choice.get("delta") or {}
+                text = delta.get("content") if isinstance(delta, dict) else None
+                if isinstance(text, str) and text:
+                    yield Chunk(text)
+                if choice.get("finish_reason"):
+                    finish = str(choice["finish_reason"])
+        if done:
+            await events.drain()
             break
-        data = decode_event(endpoint, event)
-        if "error" in data:
-            raise taxonomy.event_error(endpoint.backend, data, endpoint.secrets)
-        if data.get("usage"):
-            usage = _usage(endpoint, data["usage"])
-        for choice in _choices(endpoint, data):
-            delta = choice.get("delta") or {}
-            text = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(text, str) and text:
-                yield Chunk(text)
-            if choice.get("finish_reason"):
-                finish = str(choice["finish_reason"])
     if not done and finish is None:
         raise ended_early(endpoint, "its finish_reason and [DONE]")
     yield Chunk("", usage, finish)

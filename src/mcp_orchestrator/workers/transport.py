@@ -2,18 +2,20 @@
 failure comes out as a classified WorkerError.
 
 httpx2 because the MCP SDK already depends on it (one HTTP stack, no second
-connection pool implementation to patch), it is async-native on anyio, has
-separate connect/read/write/pool timeouts and ships an incremental SSE parser
-with an event-size bound.
+connection pool implementation to patch), it is async-native on anyio and has
+separate connect/read/write/pool timeouts. Server-sent events are parsed here, on the
+response's bytes, rather than with httpx2's EventSource: that one decodes text, then
+lines, then events, each in its own async generator, which cost more per chunk than
+everything else a worker does with it (see BENCHMARKS.md, backend overhead).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import httpx2
@@ -25,6 +27,7 @@ from mcp_orchestrator.workers.base import WorkerError
 MAX_ERROR_BODY = 64 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
 MAX_JSON_BODY = 16 * 1024 * 1024
+DRAIN_TIMEOUT_S = 0.5
 USER_AGENT = f"mcp-orchestrator/{__version__}"
 
 
@@ -96,9 +99,17 @@ class Endpoint:
     secrets: tuple[str, ...] = ()
     key_hint: str | None = None
     """Appended to 401/403 errors: where the key comes from, or why none was sent."""
+    _parsed: dict[str, httpx2.URL] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def url(self, path: str) -> str:
         return self.base_url.rstrip("/") + path
+
+    def parsed_url(self, path: str) -> httpx2.URL:
+        """`url(path)` parsed once: httpx2 parses a string URL on every request (~20 µs)."""
+        parsed = self._parsed.get(path)
+        if parsed is None:
+            parsed = self._parsed[path] = httpx2.URL(self.url(path))
+        return parsed
 
 
 STALE_CONNECTION_RETRIES = 2
@@ -116,7 +127,7 @@ async def open_response(
     client: httpx2.AsyncClient, endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None = None
 ) -> AsyncIterator[httpx2.Response]:
     """Send the request and yield the response with its body still unread."""
-    request = client.build_request(method, endpoint.url(path), json=body, headers=endpoint.headers)
+    request = client.build_request(method, endpoint.parsed_url(path), json=body, headers=endpoint.headers)
     for attempt in range(STALE_CONNECTION_RETRIES + 1):
         try:
             response = await client.send(request, stream=True)
@@ -130,10 +141,160 @@ async def open_response(
         await response.aclose()
 
 
-async def stream_events(
+BOM = b"\xef\xbb\xbf"
+"""UTF-8 byte order mark: allowed at the start of an SSE stream, and not part of it."""
+
+
+class SSEEvent(NamedTuple):
+    """One server-sent event: its type (`message` unless the server named one) and data."""
+
+    event: str
+    data: str
+
+
+class SSEFramingError(ValueError):
+    """The stream broke the SSE framing rules we enforce (an event over the size bound)."""
+
+
+class SSEDecoder:
+    """Incremental SSE parser (the WHATWG rules) working on bytes as they arrive.
+
+    Lines end with LF, CRLF or CR, also when split across reads; `data` lines of one
+    event are joined with LF; comments, `id` and `retry` are ignored (nothing here uses
+    them); an event without data is not dispatched; a last event without its blank line
+    is dropped, as the spec says. Each event, including a line still being received, is
+    bounded by `max_event_bytes`."""
+
+    __slots__ = ("_data", "_event", "_max", "_parts", "_parts_size", "_size", "_skip_lf", "_started")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._parts: list[bytes] = []
+        """The line being received (not ended yet), in pieces."""
+        self._parts_size = 0
+        self._skip_lf = False
+        """The last read ended with CR: an LF opening the next one belongs to it."""
+        self._started = False
+        self._event = b""
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """The events completed by `chunk` (often none, sometimes several)."""
+        if not self._started:
+            if self._parts:
+                chunk = b"".join(self._parts) + chunk
+                self._parts.clear()
+            if len(chunk) < len(BOM) and BOM.startswith(chunk):
+                if chunk:
+                    self._parts.append(chunk)  # maybe a byte order mark split across reads: wait
+                return []
+            self._started = True
+            chunk = chunk.removeprefix(BOM)
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in chunk:
+            if chunk:
+                self._parts.append(chunk)
+                self._parts_size += len(chunk)
+                self._check(self._parts_size)
+            return []
+        if self._parts:
+            self._parts.append(chunk)
+            chunk = b"".join(self._parts)
+            self._parts.clear()
+            self._parts_size = 0
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        events: list[SSEEvent] = []
+        for line in lines:
+            if line:
+                self._line(line)
+            elif self._data:
+                data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+                event = self._event.decode("utf-8", "replace") if self._event else "message"
+                events.append(SSEEvent(event, data.decode("utf-8", "replace")))
+                self._data = []
+                self._event = b""
+                self._size = 0
+            else:
+                self._event = b""
+                self._size = 0
+        if rest:
+            self._parts.append(rest)
+            self._parts_size = len(rest)
+            self._check(len(rest))
+        return events
+
+    def _line(self, line: bytes) -> None:
+        if line[:1] == b":":
+            return  # a comment (keep-alive pings)
+        self._size += len(line)
+        self._check(0)
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+
+    def _check(self, pending: int) -> None:
+        if self._size + pending > self._max:
+            raise SSEFramingError(f"a server-sent event exceeded the {self._max} byte limit")
+
+
+class EventStream:
+    """The events of one streamed answer, a batch (those one read completed) at a time.
+
+    Batches rather than single events: one read often completes several events (the
+    last text, the finish reason, usage and the end marker arrive together), and
+    handing them over together saves a suspension per event."""
+
+    __slots__ = ("_decoder", "_source")
+
+    def __init__(self, response: httpx2.Response) -> None:
+        # Without a content encoding the raw bytes are the body: skip httpx2's decoder layer.
+        encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
+        self._source = response.aiter_bytes() if encoded else response.aiter_raw()
+        self._decoder = SSEDecoder(MAX_EVENT_BYTES)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> list[SSEEvent]:
+        feed = self._decoder.feed
+        while True:
+            events = feed(await anext(self._source))
+            if events:
+                return events
+
+    async def drain(self) -> None:
+        """Read what follows the stream's last event (normally only the end of the body), so
+        the connection goes back to the pool instead of being closed (a new TLS handshake
+        per request otherwise); never wait long for it, and ignore what comes."""
+        with anyio.move_on_after(DRAIN_TIMEOUT_S):
+            try:
+                async for _ in self._source:
+                    pass
+            except httpx2.TransportError:
+                pass
+
+    async def aclose(self) -> None:
+        await self._source.aclose()
+
+
+@asynccontextmanager
+async def open_event_stream(
     client: httpx2.AsyncClient, endpoint: Endpoint, path: str, body: dict[str, Any]
-) -> AsyncGenerator[httpx2.ServerSentEvent, None]:
-    """POST `body` and yield the server-sent events of the answer as they arrive."""
+) -> AsyncIterator[EventStream]:
+    """POST `body` and yield the answer's event stream. Every HTTP failure, also while the
+    block reads the stream, comes out as a classified WorkerError."""
     try:
         async with open_response(client, endpoint, "POST", path, body) as response:
             await _raise_for_status(response, endpoint)
@@ -143,9 +304,12 @@ async def stream_events(
                 raise taxonomy.malformed(
                     endpoint.backend, f"expected an SSE stream, content-type is {content_type or 'missing'!r}", sample
                 )
-            async for event in httpx2.EventSource(response, max_event_size=MAX_EVENT_BYTES):
-                yield event
-    except httpx2.SSEError as exc:
+            events = EventStream(response)
+            try:
+                yield events
+            finally:
+                await events.aclose()
+    except SSEFramingError as exc:
         raise taxonomy.malformed(endpoint.backend, "bad SSE framing", str(exc), endpoint.secrets) from None
     except httpx2.TimeoutException as exc:
         raise _timeout_error(endpoint, exc) from None
@@ -173,22 +337,7 @@ async def request_json(
         ) from None
 
 
-DRAIN_TIMEOUT_S = 0.5
-
-
-async def drain(events: AsyncIterator[Any]) -> None:
-    """Read what follows a stream's last event (normally only the end of the body), so the
-    connection goes back to the pool instead of being closed (a new TLS handshake per
-    request otherwise); never wait long for it."""
-    with anyio.move_on_after(DRAIN_TIMEOUT_S):
-        try:
-            async for _ in events:
-                pass
-        except WorkerError:
-            pass
-
-
-def decode_event(endpoint: Endpoint, event: httpx2.ServerSentEvent) -> dict[str, Any]:
+def decode_event(endpoint: Endpoint, event: SSEEvent) -> dict[str, Any]:
     """The JSON object in an event's data, or a clear error."""
     try:
         data = json.loads(event.data)
