@@ -36,7 +36,7 @@ from mcp_orchestrator.errors import (
     StageTimeout,
     WorkerFailed,
 )
-from mcp_orchestrator.metrics import Metrics, gauge
+from mcp_orchestrator.metrics import Metrics, counter, gauge
 from mcp_orchestrator.models import (
     STAGE_ORDER,
     BreakerStatus,
@@ -167,14 +167,13 @@ class Pipeline:
         self.flights = FlightTable()
         self._worker_generation = 0
         """Bumped by each worker swap and part of every answer key: answers never cross workers."""
-        # Labelled children looked up once: a labels() call per request is a measurable cost.
-        self._outcome_metric = {outcome: self.metrics.requests.labels(outcome.name) for outcome in Outcome}
+        # Series looked up once: a labels() call per request is a measurable cost.
         self._stage_metric = {
             name: self.metrics.stage_duration.labels(name) for name in [*(s.value for s in STAGE_ORDER), "admission"]
         }
-        self._input_tokens_metric = self.metrics.tokens.labels("input")
-        self._output_tokens_metric = self.metrics.tokens.labels("output")
+        self._latency_metric = self.metrics.request_duration.labels()
         self.metrics.add_live_gauges(self._live_gauges)
+        self.metrics.add_live_gauges(self._request_counters)
         self.metrics.add_live_gauges(self._admission_gauges)
         self.metrics.add_live_gauges(self._breaker_gauges)
 
@@ -344,7 +343,6 @@ class Pipeline:
         request.cached = True
         request.stage_entered_at = now
         self.counters.cache_hits += 1
-        self.metrics.cache_hits.inc()
         if request.on_chunk is not None and answer.text:
             request.on_chunk(answer.text)
         self._settle(request, Outcome.completed)
@@ -434,7 +432,6 @@ class Pipeline:
         self._remember(leader)
         now = self._time()
         self.counters.coalesced += len(followers)
-        self.metrics.coalesced.inc(len(followers))
         for follower in followers:
             follower.text, follower.usage, follower.finish_reason = leader.text, leader.usage, leader.finish_reason
             follower.worker, follower.model, follower.provenance = leader.worker, leader.model, leader.provenance
@@ -560,8 +557,15 @@ class Pipeline:
     def _count(self, request: Request, outcome: Outcome, error: BaseException | None) -> None:
         """Record how a caller's request ended: exactly once per submitted request."""
         del self.live[request.id]
-        setattr(self.counters, outcome.name, getattr(self.counters, outcome.name) + 1)
-        self._outcome_metric[outcome].inc()
+        counters = self.counters
+        if outcome is Outcome.completed:
+            counters.completed += 1
+        elif outcome is Outcome.failed:
+            counters.failed += 1
+        elif outcome is Outcome.shed:
+            counters.shed += 1
+        else:
+            counters.cancelled += 1
         if isinstance(error, RateLimited):
             self.counters.rate_limited += 1
             self.metrics.rate_limited.labels(error.scope).inc()
@@ -671,7 +675,7 @@ class Pipeline:
         self.stage_counters[StageName.stream].processed += 1
         latency_ms = (now - request.submitted_at) * 1000
         self.latencies_ms.append(latency_ms)
-        self.metrics.request_duration.observe(latency_ms / 1000)
+        self._latency_metric.observe(latency_ms / 1000)
         histograms = self._stage_metric
         for stage, ms in request.stage_ms.items():
             histograms[stage].observe(ms / 1000)
@@ -701,7 +705,7 @@ class Pipeline:
         """Run the request's backend call (retries, breakers, timeouts: see inference.py) and
         hand the answer on, or fail the request with the error the caller should see."""
         request.worker, request.model = worker.kind, worker.model
-        call = InferenceCall(request, worker, self.config, self.clock, self.metrics)
+        call = InferenceCall(request, worker, self.config, self.clock, self.metrics, self._time)
         outcome = await call.run()
         request.attempts = call.trace.attempts
         if request.finished or outcome is None:  # the caller gave up (deadline or cancellation)
@@ -718,8 +722,6 @@ class Pipeline:
         if usage is not None:
             self.input_tokens += usage.input_tokens
             self.output_tokens += usage.output_tokens
-            self._input_tokens_metric.inc(usage.input_tokens)
-            self._output_tokens_metric.inc(usage.output_tokens)
         self._forward(request, StageName.post_process, self._time())
 
     # ------------------------------------------------------------------ breakers
@@ -822,6 +824,31 @@ class Pipeline:
             ((([stage.value]), float(self.depth(stage))) for stage in STAGE_ORDER),
         )
         yield gauge("orchestrator_in_flight", "Requests submitted and not yet ended", [], [([], float(len(self.live)))])
+
+    def _request_counters(self) -> Iterable[Metric]:
+        """Per-request counts, read from the pipeline's own counters at scrape time (see metrics.py)."""
+        counters = self.counters
+        yield counter(
+            "orchestrator_requests",
+            "Requests that ended, by outcome",
+            ["outcome"],
+            [([outcome.name], float(getattr(counters, outcome.name))) for outcome in Outcome],
+        )
+        yield counter(
+            "orchestrator_tokens",
+            "Tokens reported by backends",
+            ["direction"],
+            [(["input"], float(self.input_tokens)), (["output"], float(self.output_tokens))],
+        )
+        yield counter(
+            "orchestrator_coalesced",
+            "Requests answered by another in-flight request",
+            [],
+            [([], float(counters.coalesced))],
+        )
+        yield counter(
+            "orchestrator_cache_hits", "Requests answered from the result cache", [], [([], float(counters.cache_hits))]
+        )
 
     def status(self) -> PipelineStatus:
         stages = self.config.stages

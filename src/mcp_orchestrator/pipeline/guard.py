@@ -11,7 +11,6 @@ property), and reports each call's outcome to the breaker and to the request's
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ def is_circuit_open(error: BaseException) -> bool:
     return isinstance(error, WorkerError) and bool(error.extra.get(CIRCUIT_OPEN))
 
 
-@dataclass
+@dataclass(slots=True)
 class Trace:
     """What one request's backend calls did, across retries and fallback hops."""
 
@@ -124,10 +123,13 @@ class GuardedWorker:
         if trace is not None:
             trace.attempts += 1
             trace.active = self
+        chunks = self.inner.generate(request)
         try:
-            async with aclosing(self.inner.generate(request)) as chunks:
+            try:
                 async for chunk in chunks:
                     yield chunk
+            finally:  # what contextlib.aclosing does, for less per call
+                await chunks.aclose()
         except WorkerError as exc:
             # Permanent errors (400, 401, ...) prove the backend is up: no verdict.
             permit.failure() if exc.retryable else permit.release()

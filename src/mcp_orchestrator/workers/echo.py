@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 
 from mcp_orchestrator.models import GenerationParams, Usage
-from mcp_orchestrator.workers.base import Chunk, WorkerRequest, layer_params
+from mcp_orchestrator.workers.base import Chunk, WorkerRequest
 
 
 class EchoWorker:
@@ -42,13 +42,17 @@ class EchoWorker:
         self.calls += 1
         if self.delay_ms:
             await anyio.sleep(self.delay_ms / 1000)
-        prompt = next((m.content for m in reversed(request.messages) if m.role == "user"), "")
+        messages = request.messages
+        prompt = next((m.content for m in reversed(messages) if m.role == "user"), "")
         words = prompt.split(" ")
-        limit = layer_params(request.params, self.defaults).max_tokens
+        # The call's own max_tokens, else this worker's (the only parameter echo honours).
+        limit = request.params.max_tokens
+        if limit is None:
+            limit = self.defaults.max_tokens
         finish = "stop"
         if limit is not None and len(words) > limit:
             words, finish = words[:limit], "length"
-        input_tokens = sum(len(m.content.split()) for m in request.messages)
+        input_tokens = sum(len(m.content.split()) for m in messages)
         last = len(words) - 1
         for index, word in enumerate(words):
             if self.chunk_delay_ms and index:
