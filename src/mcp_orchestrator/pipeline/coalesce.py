@@ -15,9 +15,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel
+from pydantic import TypeAdapter
 
-from mcp_orchestrator.models import GenerationParams, Message, Provenance, Usage
+from mcp_orchestrator.models import BreakerStateName, GenerationParams, Hop, Message, Provenance, Usage
 
 if TYPE_CHECKING:
     from mcp_orchestrator.pipeline.request import ChunkSink, Request
@@ -45,24 +45,26 @@ def answer_key(worker_kind: str, model: str, messages: tuple[Message, ...], para
 _DEFAULT_PARAMS = GenerationParams().model_dump_json()
 
 
-class _AnswerDetails(BaseModel):
-    usage: Usage | None
-    finish_reason: str | None
-    worker: str
-    model: str
-    provenance: Provenance | None
+_Packed = tuple[str, int, int, BreakerStateName, str]
+"""A provenance as primitives: worker, attempts, retries, breaker state, failed hops as JSON ("" for none)."""
 
 
 @dataclass(frozen=True, slots=True)
 class CachedAnswer:
     """What a completed request leaves in the result cache: the answer, not the request.
 
-    Packed small, the text plus one JSON string for the rest: the cache holds thousands of
-    answers, and live pydantic objects for usage and provenance would cost ~1 KB each.
+    Kept as plain values (usage and provenance flattened to ints and strings): the cache holds
+    thousands of answers, and live pydantic objects would cost ~1 KB each; packing and
+    unpacking these costs about a microsecond, where a JSON round trip cost several.
     """
 
     text: str
-    details: str
+    finish_reason: str | None
+    worker: str
+    model: str
+    tokens: tuple[int, int] | None
+    """Input and output tokens, or None when the backend reported no usage."""
+    packed_provenance: _Packed | None
 
     @classmethod
     def pack(
@@ -74,13 +76,27 @@ class CachedAnswer:
         model: str,
         provenance: Provenance | None,
     ) -> CachedAnswer:
-        details = _AnswerDetails(
-            usage=usage, finish_reason=finish_reason, worker=worker, model=model, provenance=provenance
-        )
-        return cls(text, details.model_dump_json())
+        tokens = None if usage is None else (usage.input_tokens, usage.output_tokens)
+        packed = None
+        if provenance is not None:
+            hops = _HOPS.dump_json(provenance.fallbacks).decode() if provenance.fallbacks else ""
+            packed = (provenance.worker, provenance.attempts, provenance.retries, provenance.breaker, hops)
+        return cls(text, finish_reason, worker, model, tokens, packed)
 
-    def unpack(self) -> _AnswerDetails:
-        return _AnswerDetails.model_validate_json(self.details)
+    def usage(self) -> Usage | None:
+        if self.tokens is None:
+            return None
+        return Usage(input_tokens=self.tokens[0], output_tokens=self.tokens[1])
+
+    def provenance(self) -> Provenance | None:
+        if self.packed_provenance is None:
+            return None
+        worker, attempts, retries, breaker, hops = self.packed_provenance
+        fallbacks = _HOPS.validate_json(hops) if hops else []
+        return Provenance(worker=worker, attempts=attempts, retries=retries, fallbacks=fallbacks, breaker=breaker)
+
+
+_HOPS = TypeAdapter(list[Hop])
 
 
 @dataclass(eq=False, slots=True)

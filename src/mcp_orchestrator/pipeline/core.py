@@ -337,9 +337,8 @@ class Pipeline:
     def _answer_from_cache(self, request: Request, answer: CachedAnswer, now: float) -> None:
         """A cache hit skips every stage: the cached text was post-processed with the same
         stop sequences (they are in the key) and no context source is active."""
-        details = answer.unpack()
-        request.text, request.usage, request.finish_reason = answer.text, details.usage, details.finish_reason
-        request.worker, request.model, request.provenance = details.worker, details.model, details.provenance
+        request.text, request.usage, request.finish_reason = answer.text, answer.usage(), answer.finish_reason
+        request.worker, request.model, request.provenance = answer.worker, answer.model, answer.provenance()
         request.cached = True
         request.stage_entered_at = now
         self.counters.cache_hits += 1
