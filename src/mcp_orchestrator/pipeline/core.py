@@ -622,7 +622,7 @@ class Pipeline:
         if request.finished:
             return
         try:
-            self._work[stage](request, getattr(self.config.stages, stage.value).enabled)
+            self._work[stage](request, getattr(self.config.stages, stage).enabled)
         except Exception as exc:  # a bug in a stage must fail one request, not the pipeline
             log.exception("stage %s failed on request %s", stage.value, request.id)
             error = OrchestratorError(f"internal error in the {stage.value} stage: {exc}")

@@ -67,7 +67,9 @@ class Request:
 
     def enter(self, stage: StageName, now: float) -> None:
         """Close the timing of the current stage and start `stage`'s."""
-        self.stage_ms[self.stage.value] = (now - self.stage_entered_at) * 1000
+        # StageName is a StrEnum: the member is its own name as a key (and skips the
+        # enum's `.value` property, which is measurably slow on a path taken 6 times per request).
+        self.stage_ms[self.stage] = (now - self.stage_entered_at) * 1000
         self.stage = stage
         self.stage_entered_at = now
 
