@@ -16,7 +16,7 @@ from mcp_orchestrator.server import build_server
 from mcp_orchestrator.workers.base import Worker
 from mcp_orchestrator.workers.keys import host_of
 from mcp_orchestrator.workers.registry import BuildContext, build_worker
-from mcp_orchestrator.workers.transport import HttpSettings, new_client
+from mcp_orchestrator.workers.transport import BackgroundReads, HttpSettings, new_client
 
 WORKER_OPTION_KEYS = (
     "model",
@@ -36,7 +36,13 @@ def http_settings(config: Config) -> HttpSettings:
     return HttpSettings(**config.stages.inference.http.model_dump())
 
 
-def build_context(config: Config, http: httpx2.AsyncClient | None = None, *, trusted: bool = True) -> BuildContext:
+def build_context(
+    config: Config,
+    http: httpx2.AsyncClient | None = None,
+    *,
+    trusted: bool = True,
+    background_reads: BackgroundReads | None = None,
+) -> BuildContext:
     """How workers are built: the shared client, the config's parameter defaults, and
     (for tool calls, `trusted=False`) which hosts a base_url may name and the key may reach."""
     section = config.stages.inference
@@ -50,6 +56,7 @@ def build_context(config: Config, http: httpx2.AsyncClient | None = None, *, tru
     return BuildContext(
         http=http,
         http_settings=http_settings(config),
+        background_reads=background_reads,
         base=base,
         trusted=trusted,
         key_hosts=frozenset(configured_hosts(section)),
@@ -91,6 +98,8 @@ class Orchestrator:
         self.config = config
         self.http = new_client(http_settings(config))
         """The one pooled HTTP client every HTTP worker of this orchestrator shares."""
+        self.background_reads = BackgroundReads()
+        """Finishes reading the shared client's streamed responses after their answers."""
         self.pipeline = Pipeline(
             config, worker or worker_from_config(config, self.worker_context(trusted=True)), clock=clock
         )
@@ -99,17 +108,25 @@ class Orchestrator:
         self.server = build_server(self)
 
     def worker_context(self, *, trusted: bool) -> BuildContext:
-        return build_context(self.config, self.http, trusted=trusted)
+        return build_context(self.config, self.http, trusted=trusted, background_reads=self.background_reads)
 
     async def __aenter__(self) -> Orchestrator:
-        await self.pipeline.__aenter__()
+        await self.background_reads.__aenter__()
+        try:
+            await self.pipeline.__aenter__()
+        except BaseException:
+            await self.background_reads.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         try:
             await self.pipeline.__aexit__(*exc_info)
         finally:
-            await self.http.aclose()
+            try:
+                await self.background_reads.__aexit__(None, None, None)
+            finally:
+                await self.http.aclose()
 
     async def infer(self, submission: Submission, on_chunk: ChunkSink | None = None) -> InferResult:
         return await self.pipeline.infer(submission, on_chunk)

@@ -166,7 +166,10 @@ async def _apply(orchestrator: Orchestrator, new: Config, source: str) -> Reload
     pipeline = orchestrator.pipeline
     if any(is_worker_key(key) for key in report.applied):
         try:
-            worker = worker_from_config(config, build_context(config, orchestrator.http, trusted=True))
+            worker = worker_from_config(
+                config,
+                build_context(config, orchestrator.http, trusted=True, background_reads=orchestrator.background_reads),
+            )
         except WorkerSpecError as exc:
             raise ReloadError(source, [f"stages.inference: {exc}"]) from None
         try:

@@ -75,7 +75,7 @@ class AnthropicWorker(HttpWorker):
             yield message_chunk(endpoint, answer)
             return
         async with (
-            open_event_stream(self.http, endpoint, self.messages_path, body) as events,
+            open_event_stream(self.http, endpoint, self.messages_path, body, self.background_reads) as events,
             aclosing(read_messages_stream(endpoint, events)) as chunks,
         ):
             async for chunk in chunks:
@@ -125,7 +125,7 @@ async def read_messages_stream(endpoint: Endpoint, events: EventStream) -> Async
                 stopped = True
                 break
         if stopped:
-            await events.drain()
+            await events.finish()
             break
     if not stopped:
         raise ended_early(endpoint, "message_stop")

@@ -12,7 +12,7 @@ import httpx2
 from mcp_orchestrator.models import GenerationParams, Message
 from mcp_orchestrator.workers.base import Chunk, WorkerRequest, layer_params
 from mcp_orchestrator.workers.keys import ApiKey, key_hint, without_credentials
-from mcp_orchestrator.workers.transport import ClientHandle, Endpoint, HttpSettings
+from mcp_orchestrator.workers.transport import BackgroundReads, ClientHandle, Endpoint, HttpSettings
 
 
 class HttpWorker(ABC):
@@ -32,6 +32,7 @@ class HttpWorker(ABC):
         stream: bool = True,
         client: httpx2.AsyncClient | None = None,
         http_settings: HttpSettings | None = None,
+        background_reads: BackgroundReads | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._model = model or self.default_model
@@ -40,6 +41,8 @@ class HttpWorker(ABC):
         self.system = system
         self.stream = stream
         self._client = ClientHandle(client, http_settings)
+        self.background_reads = background_reads
+        """Reads each streamed response to its end after the answer (None: inline)."""
         safe_url = without_credentials(self.base_url)
         secrets = (self.api_key.value,) if self.api_key.value else ()
         self.endpoint = Endpoint(

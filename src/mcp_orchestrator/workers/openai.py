@@ -66,7 +66,7 @@ class OpenAIWorker(HttpWorker):
             yield completion_chunk(self.endpoint, answer)
             return
         async with (
-            open_event_stream(self.http, self.endpoint, self.chat_path, body) as events,
+            open_event_stream(self.http, self.endpoint, self.chat_path, body, self.background_reads) as events,
             aclosing(read_chat_stream(self.endpoint, events)) as chunks,
         ):
             async for chunk in chunks:
@@ -105,7 +105,7 @@ async def read_chat_stream(endpoint: Endpoint, events: EventStream) -> AsyncGene
                 if choice.get("finish_reason"):
                     finish = str(choice["finish_reason"])
         if done:
-            await events.drain()
+            await events.finish()
             break
     if not done and finish is None:
         raise ended_early(endpoint, "its finish_reason and [DONE]")

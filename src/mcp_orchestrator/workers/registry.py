@@ -26,7 +26,7 @@ from mcp_orchestrator.workers.fallback import FallbackWorker
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import host_of, resolve_key
 from mcp_orchestrator.workers.pool import PoolWorker, Strategy
-from mcp_orchestrator.workers.transport import HttpSettings
+from mcp_orchestrator.workers.transport import BackgroundReads, HttpSettings
 
 MAX_DEPTH = 3
 """Composites may nest (a pool of fallback chains), this deep at most."""
@@ -51,6 +51,8 @@ class BuildContext:
 
     http: httpx2.AsyncClient | None = None
     http_settings: HttpSettings | None = None
+    background_reads: BackgroundReads | None = None
+    """Where streamed responses are read to their end after the answer (see transport.py)."""
     base: GenerationParams = field(default_factory=GenerationParams)
     """The config's [stages.inference] parameters: under the worker's own, over the backend's."""
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)
@@ -268,6 +270,7 @@ def _http_builder(provider: _Provider) -> Callable[[Any, BuildContext], Worker]:
             stream=spec.stream,
             client=context.http,
             http_settings=context.http_settings,
+            background_reads=context.background_reads,
         )
 
     return build

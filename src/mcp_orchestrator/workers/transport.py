@@ -12,17 +12,21 @@ everything else a worker does with it (see BENCHMARKS.md, backend overhead).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import anyio
 import httpx2
+from anyio.abc import TaskGroup
 
 from mcp_orchestrator import __version__
 from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.base import WorkerError
+
+log = logging.getLogger(__name__)
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_EVENT_BYTES = 1024 * 1024
@@ -122,23 +126,78 @@ fresh connection is safe; the OpenAI and Anthropic SDKs do the same. Failures af
 the response has started are never retried here."""
 
 
+async def _send(
+    client: httpx2.AsyncClient, endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None
+) -> httpx2.Response:
+    """Send the request; the response comes back with its body still unread (the caller closes it)."""
+    request = client.build_request(method, endpoint.parsed_url(path), json=body, headers=endpoint.headers)
+    for attempt in range(STALE_CONNECTION_RETRIES + 1):
+        try:
+            return await client.send(request, stream=True)
+        except (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError):
+            if attempt == STALE_CONNECTION_RETRIES:
+                raise
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
 @asynccontextmanager
 async def open_response(
     client: httpx2.AsyncClient, endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None = None
 ) -> AsyncIterator[httpx2.Response]:
     """Send the request and yield the response with its body still unread."""
-    request = client.build_request(method, endpoint.parsed_url(path), json=body, headers=endpoint.headers)
-    for attempt in range(STALE_CONNECTION_RETRIES + 1):
-        try:
-            response = await client.send(request, stream=True)
-            break
-        except (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError):
-            if attempt == STALE_CONNECTION_RETRIES:
-                raise
+    response = await _send(client, endpoint, method, path, body)
     try:
         yield response
     finally:
         await response.aclose()
+
+
+class BackgroundReads:
+    """Reads the rest of answered responses after the worker has handed on its answer.
+
+    A stream's last event ([DONE], message_stop) is often followed by the end of the HTTP
+    body in a later packet (llama-server sends it ~0.4 ms after). Reading it returns the
+    connection to the pool (a keep-alive server then needs no new connection, nor a new
+    TLS handshake, for the next request), but nobody needs to wait for it: a worker hands
+    the response over here and a task of this object's task group reads what is left (at
+    most DRAIN_TIMEOUT_S) and closes it. The owner (the orchestrator, beside the shared
+    client) runs it with `async with`; while it is not running, workers read inline.
+    """
+
+    def __init__(self) -> None:
+        self._group: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._group is not None
+
+    async def __aenter__(self) -> BackgroundReads:
+        async with AsyncExitStack() as stack:
+            self._group = await stack.enter_async_context(anyio.create_task_group())
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        group, stack = self._group, self._stack
+        self._group = self._stack = None
+        if group is not None and stack is not None:
+            group.cancel_scope.cancel()  # shutting down: the client closes the connections anyway
+            await stack.aclose()
+
+    def take(self, events: EventStream) -> bool:
+        """Finish reading `events`' response in the background; False when not running."""
+        if self._group is None:
+            return False
+        self._group.start_soon(self._finish, events, name="http:finish-response")
+        return True
+
+    @staticmethod
+    async def _finish(events: EventStream) -> None:
+        try:
+            await events.drain_and_close()
+        except Exception as exc:  # the answer is delivered: a failure here only costs the connection
+            log.debug("finishing a streamed response failed: %r", exc)
 
 
 BOM = b"\xef\xbb\xbf"
@@ -256,13 +315,17 @@ class EventStream:
     last text, the finish reason, usage and the end marker arrive together), and
     handing them over together saves a suspension per event."""
 
-    __slots__ = ("_decoder", "_source")
+    __slots__ = ("_background", "_decoder", "_response", "_source", "handed_off")
 
-    def __init__(self, response: httpx2.Response) -> None:
+    def __init__(self, response: httpx2.Response, background: BackgroundReads | None = None) -> None:
         # Without a content encoding the raw bytes are the body: skip httpx2's decoder layer.
         encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
+        self._response = response
         self._source = response.aiter_bytes() if encoded else response.aiter_raw()
         self._decoder = SSEDecoder(MAX_EVENT_BYTES)
+        self._background = background
+        self.handed_off = False
+        """The response now belongs to `background`, which reads its end and closes it."""
 
     def __aiter__(self) -> EventStream:
         return self
@@ -274,10 +337,17 @@ class EventStream:
             if events:
                 return events
 
+    async def finish(self) -> None:
+        """The answer is complete. What follows its last event (normally only the end of
+        the body) is read, so the connection goes back to the pool instead of being closed:
+        in the background when a BackgroundReads runs, else here."""
+        if self._background is not None and self._background.take(self):
+            self.handed_off = True
+            return
+        await self.drain()
+
     async def drain(self) -> None:
-        """Read what follows the stream's last event (normally only the end of the body), so
-        the connection goes back to the pool instead of being closed (a new TLS handshake
-        per request otherwise); never wait long for it, and ignore what comes."""
+        """Read and ignore the rest of the body; never wait long for it."""
         with anyio.move_on_after(DRAIN_TIMEOUT_S):
             try:
                 async for _ in self._source:
@@ -285,18 +355,34 @@ class EventStream:
             except httpx2.TransportError:
                 pass
 
+    async def drain_and_close(self) -> None:
+        """`drain`, then close the response (BackgroundReads runs this)."""
+        try:
+            await self.drain()
+        finally:
+            with anyio.move_on_after(DRAIN_TIMEOUT_S, shield=True):
+                await self.aclose()
+                await self._response.aclose()
+
     async def aclose(self) -> None:
         await self._source.aclose()
 
 
 @asynccontextmanager
 async def open_event_stream(
-    client: httpx2.AsyncClient, endpoint: Endpoint, path: str, body: dict[str, Any]
+    client: httpx2.AsyncClient,
+    endpoint: Endpoint,
+    path: str,
+    body: dict[str, Any],
+    background: BackgroundReads | None = None,
 ) -> AsyncIterator[EventStream]:
     """POST `body` and yield the answer's event stream. Every HTTP failure, also while the
-    block reads the stream, comes out as a classified WorkerError."""
+    block reads the stream, comes out as a classified WorkerError. The response is closed
+    on leaving the block, unless the block's `finish()` handed it to `background`."""
     try:
-        async with open_response(client, endpoint, "POST", path, body) as response:
+        response = await _send(client, endpoint, "POST", path, body)
+        events: EventStream | None = None
+        try:
             await _raise_for_status(response, endpoint)
             content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
             if content_type != "text/event-stream":
@@ -304,11 +390,13 @@ async def open_event_stream(
                 raise taxonomy.malformed(
                     endpoint.backend, f"expected an SSE stream, content-type is {content_type or 'missing'!r}", sample
                 )
-            events = EventStream(response)
-            try:
-                yield events
-            finally:
-                await events.aclose()
+            events = EventStream(response, background)
+            yield events
+        finally:
+            if events is None or not events.handed_off:
+                if events is not None:
+                    await events.aclose()
+                await response.aclose()
     except SSEFramingError as exc:
         raise taxonomy.malformed(endpoint.backend, "bad SSE framing", str(exc), endpoint.secrets) from None
     except httpx2.TimeoutException as exc:
