@@ -4,6 +4,7 @@ ordering is read from the pipeline (chunk order), never from timing thresholds."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +15,15 @@ from anyio.abc import TaskGroup
 from mcp import Client
 from mcp.types import CallToolResult
 
+from mcp_orchestrator.app import Orchestrator
 from mcp_orchestrator.errors import OrchestratorError, RequestShed
+from mcp_orchestrator.logs import Sampled
 from mcp_orchestrator.models import Outcome, Priority, StageName, Submission
 from mcp_orchestrator.pipeline import Pipeline
+from mcp_orchestrator.pipeline.core import SHED_LOG_INTERVAL_S
 from mcp_orchestrator.workers.echo import EchoWorker
 from tests.conftest import error_text, make_config, running, status_of, totals_of, wait_for
+from tests.support_faults_extra import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -210,6 +215,39 @@ async def test_full_rag_queue_sheds_and_the_ring_keeps_only_the_newest() -> None
     assert status["stages"][0]["shed"] == 5
     assert status["totals"]["shed"] == 5
     assert status["totals"]["completed"] == 2
+
+
+async def test_shedding_logs_one_warning_per_stage_and_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """Under overload every shed request is a dead letter and a metric, but not a log line:
+    one warning per stage per interval, the next one counting those left out."""
+    clock = FakeClock()
+    orchestrator = Orchestrator(make_config(stages={"rag": {"channel_capacity": 1}}), clock=clock)
+    held = HeldRetrieval()
+    orchestrator.pipeline.context_source = held
+    caplog.set_level(logging.WARNING, logger="mcp_orchestrator.pipeline.core")
+    async with orchestrator:
+        with anyio.fail_after(TEST_TIMEOUT_S):
+            await wait_for(lambda: bool(orchestrator.pipeline._idle.get(StageName.rag)))  # RAG waits for work
+            first = quick_submissions(orchestrator.pipeline, 7)  # 1 retrieving, 1 queued, 5 shed
+            clock.advance(SHED_LOG_INTERVAL_S)
+            later = orchestrator.pipeline.submit(Submission(prompt="one more", cache=False, dedup=False))
+            held.release.set()
+            for request in first[:2]:
+                await orchestrator.pipeline.wait(request)
+    warnings = [record.getMessage() for record in caplog.records if "shed at rag" in record.getMessage()]
+    assert later.outcome is Outcome.shed
+    assert orchestrator.pipeline.counters.shed == 6
+    assert len(warnings) == 2
+    assert "more shed" not in warnings[0]
+    assert warnings[1].endswith("(4 more shed there since the last such line)")
+
+
+def test_sampled_takes_one_record_per_key_and_interval() -> None:
+    now = [0.0]
+    sampled = Sampled(1.0, clock=lambda: now[0])
+    assert [sampled.take("a"), sampled.take("a"), sampled.take("b"), sampled.take("a")] == [0, None, 0, None]
+    now[0] = 1.0
+    assert [sampled.take("a"), sampled.take("a"), sampled.take("b")] == [2, None, 0]
 
 
 async def test_a_bug_in_a_stage_fails_that_request_only_whether_it_queued_or_not() -> None:

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Hashable
 
 NOISY_LOGGERS = ("mcp", "httpx", "httpx2", "httpcore", "httpcore2", "uvicorn.access", "sse_starlette")
 
@@ -42,3 +43,25 @@ def configure_logging(level: str = "warning", fmt: str = "pretty") -> None:
     root.setLevel(numeric)
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+
+
+class Sampled:
+    """At most one log record per `interval_s` for each key (say, a stage shedding under
+    overload); the next record says how many were left out. Overload must not also flood
+    stderr: the counts are in the metrics and every request is in the dead letters."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._windows: dict[Hashable, tuple[float, int]] = {}
+
+    def take(self, key: Hashable) -> int | None:
+        """None: leave this record out. Otherwise log it, noting the returned count of records
+        left out since the last one."""
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is not None and now - window[0] < self.interval_s:
+            self._windows[key] = (window[0], window[1] + 1)
+            return None
+        self._windows[key] = (now, 0)
+        return 0 if window is None else window[1]

@@ -36,6 +36,7 @@ from mcp_orchestrator.errors import (
     StageTimeout,
     WorkerFailed,
 )
+from mcp_orchestrator.logs import Sampled
 from mcp_orchestrator.metrics import Metrics, counter, gauge
 from mcp_orchestrator.models import (
     STAGE_ORDER,
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_WINDOW = 4096
 HEALTH_TIMEOUT_S = 10.0
+SHED_LOG_INTERVAL_S = 5.0
 BATCH = 256
 """Requests a stage takes from its queue before it lets other tasks run."""
 
@@ -159,6 +161,8 @@ class Pipeline:
         self._id_prefix = secrets.token_hex(10)
         """Request ids are this random prefix plus a counter: unique, and cheaper than a uuid each."""
         self._swap_lock = anyio.Lock()
+        self._shed_log = Sampled(SHED_LOG_INTERVAL_S, clock=self._now)
+        """One warning per stage and interval while shedding (thousands a second otherwise)."""
         self.admission = Admission(
             config.rate_limits, aging_s=config.pipeline.priority_aging_ms / 1000, clock=self._now
         )
@@ -514,7 +518,10 @@ class Pipeline:
         self.stage_counters[stage].shed += 1
         self.metrics.shed.labels(stage.value).inc()
         self._settle(request, Outcome.shed, RequestShed(stage.value, capacity, letter.id))
-        log.warning("request %s shed at %s (queue full), dead letter %s", request.id, stage.value, letter.id)
+        left_out = self._shed_log.take(stage)
+        if left_out is not None:
+            more = f" ({left_out} more shed there since the last such line)" if left_out else ""
+            log.warning("request %s shed at %s (queue full), dead letter %s%s", request.id, stage.value, letter.id, more)
 
     def _fail(
         self, request: Request, error: OrchestratorError, reason: DeadLetterReason, *, record: bool = True
