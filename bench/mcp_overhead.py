@@ -14,7 +14,11 @@ the client validating it against the output schema); canned -> infer is the pipe
 
 Target: median `infer` round trip <= 1.2x the no-op tool's.
 
-    .venv/bin/python -m bench.mcp_overhead [--calls 400] [--blocks 8]
+`--without-client-validation` is a diagnostic, not the measurement: the SDK client checks
+every structured result against the tool's output schema with jsonschema (in Python, on
+each call); this flag turns that check off in this client process, to show its share.
+
+    .venv/bin/python -m bench.mcp_overhead [--calls 400] [--blocks 8] [--without-client-validation]
 """
 
 from __future__ import annotations
@@ -176,5 +180,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument(
+        "--without-client-validation",
+        action="store_true",
+        help="diagnostic: skip the SDK client's output-schema check of each result",
+    )
     args = parser.parse_args()
+    if args.without_client_validation:
+        from mcp.client.session import ClientSession
+
+        async def unchecked(self: ClientSession, name: str, result: Any) -> None:
+            return None
+
+        ClientSession.validate_tool_result = unchecked  # type: ignore[method-assign]
+        print("   (diagnostic run: the client does not validate results against output schemas)")
     anyio.run(main, args.calls, args.blocks)

@@ -168,10 +168,6 @@ class BackgroundReads:
         self._group: TaskGroup | None = None
         self._stack: AsyncExitStack | None = None
 
-    @property
-    def running(self) -> bool:
-        return self._group is not None
-
     async def __aenter__(self) -> BackgroundReads:
         async with AsyncExitStack() as stack:
             self._group = await stack.enter_async_context(anyio.create_task_group())
