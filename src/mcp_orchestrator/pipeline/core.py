@@ -521,7 +521,9 @@ class Pipeline:
         left_out = self._shed_log.take(stage)
         if left_out is not None:
             more = f" ({left_out} more shed there since the last such line)" if left_out else ""
-            log.warning("request %s shed at %s (queue full), dead letter %s%s", request.id, stage.value, letter.id, more)
+            log.warning(
+                "request %s shed at %s (queue full), dead letter %s%s", request.id, stage.value, letter.id, more
+            )
 
     def _fail(
         self, request: Request, error: OrchestratorError, reason: DeadLetterReason, *, record: bool = True
