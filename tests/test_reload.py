@@ -172,6 +172,29 @@ async def test_reload_can_switch_configure_worker_off(tmp_path: Path) -> None:
         assert result.is_error
 
 
+class NeverRetrieves:
+    """A context source that never answers: only the RAG stage timeout ends its requests."""
+
+    async def retrieve(self, query: str, session_id: str | None, max_tokens: int) -> list[str]:
+        await anyio.sleep_forever()
+        return []
+
+
+@pytest.mark.anyio
+async def test_a_reloaded_rag_timeout_applies_to_the_next_request(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.toml", BASE + "[stages.rag]\ntimeout_ms = 600000\n")
+    orchestrator = Orchestrator(load_config(path))
+    orchestrator.pipeline.context_source = NeverRetrieves()
+    async with orchestrator, Client(orchestrator.server) as client:
+        write(path, BASE + "[stages.rag]\ntimeout_ms = 20\n")
+        report = await reload_config(orchestrator, loader(path), str(path))
+        assert report.applied == ["stages.rag.timeout_ms"]
+        with anyio.fail_after(30):
+            result = await client.call_tool("infer", {"prompt": "needs context", "cache": False})
+    assert result.is_error
+    assert "rag stage timed out after 20 ms" in result.content[0].text
+
+
 @pytest.mark.anyio
 async def test_new_rate_limits_start_as_empty_as_the_old_buckets_not_with_a_fresh_burst(tmp_path: Path) -> None:
     # One token per 10 s (then per 5 s): nothing refills during the test, whatever the machine's speed.

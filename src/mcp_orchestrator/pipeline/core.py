@@ -589,7 +589,6 @@ class Pipeline:
         work at once in the handing task (see there). Up to BATCH queued requests are
         taken per checkpoint.
         """
-        section = getattr(self.config.stages, stage.value)
         async with self._queues.receive[stage] as receive:
             taken = 0
             while True:
@@ -606,8 +605,8 @@ class Pipeline:
                     taken = 0
                 if self._runs_inline(stage):
                     self._run_sync(stage, request)
-                else:
-                    await self._run_retrieval(request, section.timeout_ms)
+                else:  # the timeout read per request: a config reload may change it
+                    await self._run_retrieval(request, self.config.stages.rag.timeout_ms)
                 taken += 1
                 if taken >= BATCH:  # let other tasks run between long batches
                     taken = 0
