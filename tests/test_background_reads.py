@@ -129,17 +129,20 @@ async def test_without_background_reads_the_worker_reads_the_end_itself() -> Non
     async with holding_server() as server:
         worker = OpenAIWorker(f"http://127.0.0.1:{server.port}/v1")
         request = WorkerRequest((Message(role="user", content="hi"),), GenerationParams())
+        order: list[str] = []
         with anyio.fail_after(TEST_TIMEOUT_S):
             async with anyio.create_task_group() as tg:
 
                 async def let_go() -> None:
                     await server.answered.wait()
+                    order.append("body end released")
                     server.release.set()
 
                 tg.start_soon(let_go)
                 texts = [chunk.text async for chunk in worker.generate(request)]
-            assert server.release.is_set()  # the worker could not finish before the body ended
+                order.append("worker finished")
             again = [chunk.text async for chunk in worker.generate(request)]
         await worker.aclose()
+    assert order == ["body end released", "worker finished"]  # it read the end before finishing
     assert "".join(texts) == "".join(again) == "held back"
     assert (server.requests, server.connections) == (2, 1)
