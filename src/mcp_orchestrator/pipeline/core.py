@@ -605,24 +605,21 @@ class Pipeline:
                     taken = 0
                 if self._runs_inline(stage):
                     self._run_sync(stage, request)
-                else:  # the timeout read per request: a config reload may change it
-                    await self._run_retrieval(request, self.config.stages.rag.timeout_ms)
+                else:
+                    await self._run_retrieval(request)
                 taken += 1
                 if taken >= BATCH:  # let other tasks run between long batches
                     taken = 0
                     await anyio.lowlevel.checkpoint()
 
-    async def _run_retrieval(self, request: Request, timeout_ms: int) -> None:
+    async def _run_retrieval(self, request: Request) -> None:
         """RAG with a context source: retrieve under the stage timeout, then the stage's work."""
         if request.finished:
             return
         try:
-            await self._retrieve(request, timeout_ms)
+            await self._retrieve(request)
         except Exception as exc:  # a broken context source fails one request, not the pipeline
-            log.exception("stage rag failed on request %s", request.id)
-            self._fail(
-                request, OrchestratorError(f"internal error in the rag stage: {exc}"), DeadLetterReason.internal_error
-            )
+            self._stage_failed(StageName.rag, request, exc)
             return
         self._run_sync(StageName.rag, request)
 
@@ -632,13 +629,17 @@ class Pipeline:
         try:
             self._work[stage](request, getattr(self.config.stages, stage).enabled)
         except Exception as exc:  # a bug in a stage must fail one request, not the pipeline
-            log.exception("stage %s failed on request %s", stage.value, request.id)
-            error = OrchestratorError(f"internal error in the {stage.value} stage: {exc}")
-            self._fail(request, error, DeadLetterReason.internal_error)
+            self._stage_failed(stage, request, exc)
 
-    async def _retrieve(self, request: Request, timeout_ms: int) -> None:
+    def _stage_failed(self, stage: StageName, request: Request, exc: Exception) -> None:
+        log.exception("stage %s failed on request %s", stage.value, request.id)
+        error = OrchestratorError(f"internal error in the {stage.value} stage: {exc}")
+        self._fail(request, error, DeadLetterReason.internal_error)
+
+    async def _retrieve(self, request: Request) -> None:
         assert self.context_source is not None
-        section = self.config.stages.rag
+        section = self.config.stages.rag  # read per request: a config reload may change it
+        timeout_ms = section.timeout_ms
         submission = request.submission
         budget = min(timeout_ms / 1000, request.deadline - self._time())
         with anyio.move_on_after(max(budget, 0)) as scope:
