@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -107,26 +108,22 @@ class Orchestrator:
         """Config reloads (SIGHUP) run one at a time."""
         self.server = build_server(self)
 
-    def worker_context(self, *, trusted: bool) -> BuildContext:
-        return build_context(self.config, self.http, trusted=trusted, background_reads=self.background_reads)
+    def worker_context(self, *, trusted: bool, config: Config | None = None) -> BuildContext:
+        """How this orchestrator's workers are built: its shared client and background reads,
+        with `config`'s (default: the running config's) parameters and host rules."""
+        return build_context(config or self.config, self.http, trusted=trusted, background_reads=self.background_reads)
 
     async def __aenter__(self) -> Orchestrator:
-        await self.background_reads.__aenter__()
-        try:
-            await self.pipeline.__aenter__()
-        except BaseException:
-            await self.background_reads.__aexit__(None, None, None)
-            raise
+        # Closed in reverse: the pipeline, then the background reads, then the shared client.
+        async with AsyncExitStack() as stack:
+            stack.push_async_callback(self.http.aclose)
+            await stack.enter_async_context(self.background_reads)
+            await stack.enter_async_context(self.pipeline)
+            self._running = stack.pop_all()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        try:
-            await self.pipeline.__aexit__(*exc_info)
-        finally:
-            try:
-                await self.background_reads.__aexit__(None, None, None)
-            finally:
-                await self.http.aclose()
+        await self._running.__aexit__(*exc_info)
 
     async def infer(self, submission: Submission, on_chunk: ChunkSink | None = None) -> InferResult:
         return await self.pipeline.infer(submission, on_chunk)

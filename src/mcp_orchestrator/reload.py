@@ -151,7 +151,7 @@ async def reload_config(orchestrator: Orchestrator, load: Callable[[], Config], 
 
 
 async def _apply(orchestrator: Orchestrator, new: Config, source: str) -> ReloadReport:
-    from mcp_orchestrator.app import build_context, worker_from_config
+    from mcp_orchestrator.app import worker_from_config
     from mcp_orchestrator.workers.registry import WorkerSpecError
 
     old = orchestrator.config
@@ -166,10 +166,7 @@ async def _apply(orchestrator: Orchestrator, new: Config, source: str) -> Reload
     pipeline = orchestrator.pipeline
     if any(is_worker_key(key) for key in report.applied):
         try:
-            worker = worker_from_config(
-                config,
-                build_context(config, orchestrator.http, trusted=True, background_reads=orchestrator.background_reads),
-            )
+            worker = worker_from_config(config, orchestrator.worker_context(trusted=True, config=config))
         except WorkerSpecError as exc:
             raise ReloadError(source, [f"stages.inference: {exc}"]) from None
         try:
