@@ -358,10 +358,12 @@ class EventStream:
         finally:
             with anyio.move_on_after(DRAIN_TIMEOUT_S, shield=True):
                 await self.aclose()
-                await self._response.aclose()
 
     async def aclose(self) -> None:
+        """Close the byte iterator and the response (its connection goes back to the pool
+        when the body was read to its end)."""
         await self._source.aclose()
+        await self._response.aclose()
 
 
 @asynccontextmanager
@@ -389,10 +391,10 @@ async def open_event_stream(
             events = EventStream(response, background)
             yield events
         finally:
-            if events is None or not events.handed_off:
-                if events is not None:
-                    await events.aclose()
+            if events is None:
                 await response.aclose()
+            elif not events.handed_off:
+                await events.aclose()
     except SSEFramingError as exc:
         raise taxonomy.malformed(endpoint.backend, "bad SSE framing", str(exc), endpoint.secrets) from None
     except httpx2.TimeoutException as exc:
