@@ -44,13 +44,13 @@ from typing import Any
 import anyio
 import httpx2
 from mcp import Client
-from tests.support_llama import llama_server
 
 from bench.common import header, percentile, row, verdict
-from mcp_orchestrator.app import Orchestrator, http_settings
+from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.config import config_from_mapping
 from mcp_orchestrator.models import GenerationParams, Submission
 from mcp_orchestrator.workers.transport import new_client
+from testbeds.llama import llama_server
 
 TARGET_ADDED_MS = 2.0
 BOOTSTRAP_SAMPLES = 2000
@@ -183,7 +183,7 @@ async def measure(rounds: int) -> None:
             "bench",
         )
         orchestrator = Orchestrator(config)
-        http = new_client(http_settings(config))  # the same client, settings and pool as the workers'
+        http = new_client(config.stages.inference.http)  # the same client, settings and pool as the workers'
         async with http, orchestrator, Client(orchestrator.server) as client:
             # The direct side sends exactly the bytes the worker sends: capture them first.
             capture = Tracer()

@@ -141,27 +141,27 @@ def summary(values: list[float]) -> str:
 
 async def in_memory(calls: int) -> None:
     """The same comparison without a transport: what the tools themselves cost."""
+    from bench.noop_server import CannedOrchestrator
     from bench.noop_server import server as noop_server
-    from mcp_orchestrator.app import Orchestrator
-    from mcp_orchestrator.config import Config
-    from mcp_orchestrator.models import InferResult, Submission
+    from mcp_orchestrator import Config, Orchestrator
 
     counter = itertools.count()
-    orchestrator = Orchestrator(Config())
-    async with orchestrator, Client(orchestrator.server) as client, Client(noop_server) as noop:
+    orchestrator, bypassed = Orchestrator(Config()), CannedOrchestrator(Config())
+    async with (
+        orchestrator,
+        bypassed,
+        Client(orchestrator.server) as client,
+        Client(noop_server) as noop,
+        Client(bypassed.server) as canned,
+    ):
         unique = [f"in-memory prompt {next(counter)}" for _ in range(WARMUP + calls)]
         await timed_calls(client, "infer", unique[:WARMUP])
         await timed_calls(noop, "noop", unique[:WARMUP])
+        await timed_calls(canned, "infer", unique[:WARMUP])
         noop_ms = await timed_calls(noop, "noop", unique[WARMUP:])
         infer_ms = await timed_calls(client, "infer", [f"{p}!" for p in unique[WARMUP:]])
         hits_ms = await timed_calls(client, "infer", ["the same prompt"] * calls)
-        answer = await orchestrator.infer(Submission(prompt="a canned answer for every prompt"))
-
-        async def canned(submission: Submission, on_chunk: Any = None) -> InferResult:
-            return answer
-
-        orchestrator.infer = canned  # type: ignore[method-assign]
-        canned_ms = await timed_calls(client, "infer", [f"{p}?" for p in unique[WARMUP:]])
+        canned_ms = await timed_calls(canned, "infer", [f"{p}?" for p in unique[WARMUP:]])
     row("in memory: no-op tool", summary(noop_ms))
     row("in memory: infer (new prompts)", summary(infer_ms))
     row("in memory: infer (cache hits)", summary(hits_ms[1:]))

@@ -24,6 +24,10 @@ import anyio
 import uvicorn
 from mcp.server.mcpserver import MCPServer
 
+from mcp_orchestrator import Config, InferResult, Orchestrator, Submission
+from mcp_orchestrator.pipeline.request import ChunkSink
+from mcp_orchestrator.server.http import build_http_app
+
 server = MCPServer(name="noop", log_level="WARNING")
 
 
@@ -40,20 +44,25 @@ async def serve_http(app: Any, port: int) -> None:
     await uvicorn.Server(config).serve()
 
 
+class CannedOrchestrator(Orchestrator):
+    """mcp-orchestrator with the pipeline bypassed: `infer` answers every call with the one
+    result it computed when started (its MCP server, middleware and HTTP app are the real ones)."""
+
+    answer: InferResult | None = None
+
+    async def __aenter__(self) -> CannedOrchestrator:
+        await super().__aenter__()
+        self.answer = await super().infer(Submission(prompt="a canned answer for every prompt"))
+        return self
+
+    async def infer(self, submission: Submission, on_chunk: ChunkSink | None = None) -> InferResult:
+        assert self.answer is not None
+        return self.answer
+
+
 async def serve_canned(http_port: int | None) -> None:
-    from mcp_orchestrator.app import Orchestrator
-    from mcp_orchestrator.config import Config
-    from mcp_orchestrator.http_app import build_http_app
-    from mcp_orchestrator.models import InferResult, Submission
-
-    orchestrator = Orchestrator(Config())
+    orchestrator = CannedOrchestrator(Config())
     async with orchestrator:
-        answer = await orchestrator.infer(Submission(prompt="a canned answer for every prompt"))
-
-        async def canned(submission: Submission, on_chunk: Any = None) -> InferResult:
-            return answer
-
-        orchestrator.infer = canned  # type: ignore[method-assign]
         if http_port is None:
             await orchestrator.server.run_stdio_async()
         else:

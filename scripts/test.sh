@@ -19,8 +19,8 @@ export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=
 export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check ${FIND_LINKS[@]+"${FIND_LINKS[@]}"} -e ".[test]" >&2
 echo "== ruff" >&2
-.venv/bin/ruff check src tests bench
-.venv/bin/ruff format --check src tests bench
+.venv/bin/ruff check mcp_orchestrator tests bench testbeds
+.venv/bin/ruff format --check mcp_orchestrator tests bench testbeds
 echo "== mypy" >&2
 .venv/bin/mypy
 echo "== pytest" >&2

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import settings
 from mcp import Client
 
-from mcp_orchestrator.app import Orchestrator
+from mcp_orchestrator import ContextSource, Orchestrator
 from mcp_orchestrator.config import Config, config_from_mapping
 
 # Support modules are imported by test modules and listed in pytest_plugins; registering them
@@ -32,18 +33,29 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+_progress_tokens = itertools.count(1)
+
+
+def with_progress(callback: Callable[[float, float | None, str | None], Awaitable[None]]) -> dict[str, Any]:
+    """`call_tool` keyword arguments that ask for progress: the callback, and a progress token in
+    the request's `_meta` (what wire clients send; the in-process client needs it given)."""
+    return {"progress_callback": callback, "meta": {"progress_token": f"p{next(_progress_tokens)}"}}
+
+
 def make_config(**sections: dict[str, Any]) -> Config:
     """A Config from keyword sections, e.g. make_config(stages={"rag": {"channel_capacity": 2}})."""
     return config_from_mapping(sections, "test")
 
 
 @asynccontextmanager
-async def running(config: Config | None = None, **client_options: Any) -> AsyncIterator[tuple[Orchestrator, Client]]:
+async def running(
+    config: Config | None = None, *, context_source: ContextSource | None = None, **client_options: Any
+) -> AsyncIterator[tuple[Orchestrator, Client]]:
     """A running orchestrator and an in-memory MCP client connected to it.
 
     `client_options` go to `mcp.Client` (e.g. mode="legacy" for JSON-RPC over memory streams).
     On exit, asserts the conservation law (every request ended exactly once)."""
-    orchestrator = Orchestrator(config or Config())
+    orchestrator = Orchestrator(config or Config(), context_source=context_source)
     async with orchestrator, Client(orchestrator.server, **client_options) as client:
         yield orchestrator, client
         assert orchestrator.pipeline.reconciles(), orchestrator.status().totals

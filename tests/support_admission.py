@@ -14,7 +14,7 @@ from anyio.abc import TaskGroup
 from mcp import Client
 from mcp.types import CallToolResult
 
-from mcp_orchestrator.app import Orchestrator
+from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.config import Config
 from mcp_orchestrator.models import Usage
 from mcp_orchestrator.workers.base import Chunk, Worker, WorkerError, WorkerRequest
@@ -50,6 +50,8 @@ class GatedWorker:
         self.calls = 0
         self.finished = 0
         self.cancelled = 0
+        self.prompts: list[str] = []
+        """The last message of each call, in the order the calls came."""
 
     @property
     def model(self) -> str:
@@ -63,6 +65,7 @@ class GatedWorker:
 
     async def generate(self, request: WorkerRequest) -> AsyncGenerator[Chunk, None]:
         self.calls += 1
+        self.prompts.append(request.messages[-1].content)
         try:
             await self.gate.wait()
         except anyio.get_cancelled_exc_class():

@@ -10,7 +10,6 @@ import json
 import os
 import queue
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,18 +23,14 @@ from typing import Any, TextIO
 import httpx2
 from mcp import StdioServerParameters
 
+from testbeds.processes import free_port as free_port
+from testbeds.processes import terminate as terminate
+
 SCRIPT = Path(sys.executable).parent / "mcp-orchestrator"
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 CLI_TIMEOUT_S = 30.0
 LINE_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -56,17 +51,6 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.Comp
 def stdio_params(*args: str, env: Mapping[str, str] | None = None) -> StdioServerParameters:
     """Parameters for `mcp.Client` / `stdio_client` to launch the console script over stdio."""
     return StdioServerParameters(command=str(SCRIPT), args=list(args), env=child_env(env))
-
-
-def terminate(process: subprocess.Popen[Any]) -> None:
-    """Terminate `process` and reap it; kill it if it does not go in time."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT_S)
 
 
 def close_pipes(process: subprocess.Popen[Any]) -> None:

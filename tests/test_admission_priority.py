@@ -27,7 +27,7 @@ def limits(**rate_limits: Any) -> Any:
 
 
 def waiting(orchestrator: Any) -> int:
-    return int(orchestrator.pipeline.admission.waiting())
+    return orchestrator.status().rate_limit.waiting
 
 
 def has_waiting(orchestrator: Any, count: int) -> bool:
@@ -75,7 +75,7 @@ async def test_waiting_requests_are_admitted_by_priority_then_arrival() -> None:
                 finished: list[str] = []
                 for _ in order:
                     clock.advance(10)
-                    orchestrator.pipeline.admission.clock_advanced()
+                    orchestrator.pipeline.clock_advanced()
                     await wait_for(partial(has_done, calls, len(finished) + 1))
                     finished += [n for n, call in calls.items() if call.done.is_set() and n not in finished]
     assert status["waiting"] == 5

@@ -17,7 +17,7 @@ import anyio
 import pytest
 from anyio.abc import SocketStream
 
-from mcp_orchestrator.app import Orchestrator
+from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.models import GenerationParams, Message
 from mcp_orchestrator.workers.base import WorkerRequest
 from mcp_orchestrator.workers.openai import OpenAIWorker

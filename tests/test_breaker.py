@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initialize, invariant, multiple, rule
 
-from mcp_orchestrator.errors import CircuitOpen
-from mcp_orchestrator.resilience.breaker import BreakerSettings, BreakerState, CircuitBreaker, Permit
+from mcp_orchestrator.resilience.breaker import BreakerOpen, BreakerSettings, BreakerState, CircuitBreaker, Permit
 from tests.support_faults_extra import FakeClock
 
 # ---------------------------------------------------------------------------- examples
@@ -43,10 +42,11 @@ def test_opens_after_threshold_consecutive_failures_and_fails_fast() -> None:
     assert breaker.state is BreakerState.open
     assert changes == [(BreakerState.closed, BreakerState.open)]
     clock.advance(4)
-    with pytest.raises(CircuitOpen) as caught:
+    with pytest.raises(BreakerOpen) as caught:
         breaker.acquire()
-    assert str(caught.value) == "backend backend-a unavailable, circuit open, retry after 6 s"
+    assert str(caught.value) == "breaker 'backend-a' is open; retry after 6.000 s"  # generic: no product wording
     assert caught.value.retry_after_s == pytest.approx(6)
+    assert not caught.value.probing
     assert breaker.snapshot().rejected == 1
 
 
@@ -77,7 +77,7 @@ def test_half_open_after_timeout_then_closes_on_probe_successes() -> None:
     clock.advance(0.001)
     assert breaker.state is BreakerState.half_open
     permits = [breaker.acquire() for _ in range(5)]
-    with pytest.raises(CircuitOpen, match="half-open"):
+    with pytest.raises(BreakerOpen, match="half-open"):
         breaker.acquire()  # every probe slot is taken
     permits[0].failure()  # one failure of five still allows 80%
     assert breaker.state is BreakerState.half_open
@@ -247,7 +247,7 @@ class BreakerMachine(RuleBasedStateMachine):
             self.state is BreakerState.half_open and self.admitted < self.settings.probes
         )
         if not admits:
-            with pytest.raises(CircuitOpen):
+            with pytest.raises(BreakerOpen):
                 self.breaker.acquire()
             return multiple()
         permit = self.breaker.acquire()
@@ -286,7 +286,7 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.breaker is not None
         self._tick()
         snap = self.breaker.snapshot()
-        assert snap.state is self.state
+        assert snap.state == self.state.value
         assert self.breaker.available() == (
             self.state is BreakerState.closed
             or (self.state is BreakerState.half_open and self.admitted < self.settings.probes)

@@ -72,7 +72,7 @@ async def test_max_entries_evicts_the_least_recently_used() -> None:
         await infer(client, prompt="b")
         assert (await infer(client, prompt="a"))["cached"] is True  # a is now the most recent
         await infer(client, prompt="c")  # evicts b
-        assert len(orchestrator.pipeline.cache) == 2
+        assert orchestrator.status().cache.entries == 2
         assert (await infer(client, prompt="a"))["cached"] is True
         assert (await infer(client, prompt="b"))["cached"] is False
     assert worker.calls == 4  # a, b, c, b again
@@ -93,7 +93,7 @@ async def test_deduplication_disabled_in_config_turns_the_cache_off() -> None:
     async with serving(make_config(deduplication={"enabled": False}), worker) as (orchestrator, client):
         await infer(client, prompt="p")
         assert (await infer(client, prompt="p"))["cached"] is False
-        assert len(orchestrator.pipeline.cache) == 0
+        assert orchestrator.status().cache.entries == 0
     assert worker.calls == 2
 
 

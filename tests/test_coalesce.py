@@ -17,7 +17,7 @@ from mcp_orchestrator.models import Submission
 from mcp_orchestrator.pipeline import Pipeline
 from mcp_orchestrator.workers.base import WorkerError
 from mcp_orchestrator.workers.echo import EchoWorker
-from tests.conftest import error_text, make_config, totals_of, wait_for
+from tests.conftest import error_text, make_config, totals_of, wait_for, with_progress
 from tests.support_admission import GatedWorker, serving, start_call
 
 pytestmark = pytest.mark.anyio
@@ -28,7 +28,7 @@ NO_CACHE = make_config(deduplication={"window_s": 300}, resilience={"retry_attem
 
 def followers(orchestrator: Any) -> int:
     """Callers currently waiting on another request's flight."""
-    return sum(1 for request in orchestrator.pipeline.live.values() if request.coalesced)
+    return orchestrator.status().cache.waiting
 
 
 async def test_identical_concurrent_calls_make_one_backend_call() -> None:
@@ -116,7 +116,7 @@ async def test_the_leaders_caller_leaving_does_not_stop_the_flight_for_waiters()
                 await wait_for(lambda: followers(orchestrator) == 2)
                 leader.scope.cancel()
                 await leader.done.wait()
-                await wait_for(lambda: orchestrator.pipeline.counters.cancelled == 1)
+                await wait_for(lambda: orchestrator.status().totals.cancelled == 1)
                 assert worker.cancelled == 0
                 worker.open()
             totals = await totals_of(client)
@@ -149,28 +149,31 @@ async def test_the_backend_call_is_cancelled_when_every_caller_has_left() -> Non
     assert worker.finished == 0
     assert totals["cancelled"] == 3
     assert totals["in_flight"] == 0
-    assert len(orchestrator.pipeline.flights) == 0
+    assert orchestrator.status().cache.flights == 0
 
 
-async def test_waiters_outlive_a_leader_that_runs_out_of_time() -> None:
-    """The leader's own deadline ends its trip (and its backend call); a waiter with time
-    left then travels itself instead of failing with someone else's deadline."""
+async def test_a_waiter_with_more_time_keeps_the_trip_going_when_the_first_caller_runs_out() -> None:
+    """The first caller's own deadline ends its own request only: the trip (and its backend
+    call) goes on for the waiter that still has time, so it costs one backend call, not two."""
     worker = GatedWorker()
     async with serving(worker=worker) as (orchestrator, client):
         with anyio.fail_after(TEST_TIMEOUT_S):
             async with anyio.create_task_group() as tg:
-                leader = start_call(tg, client, {"prompt": "slow answer", "deadline_ms": 500})
+                first = start_call(tg, client, {"prompt": "slow answer", "deadline_ms": 300})
                 await wait_for(lambda: worker.calls == 1)
                 waiter = start_call(tg, client, {"prompt": "slow answer"})
                 await wait_for(lambda: followers(orchestrator) == 1)
-                await leader.done.wait()
-                await wait_for(lambda: worker.calls == 2)
+                await first.done.wait()
+                assert worker.cancelled == 0
                 worker.open()
             totals = await totals_of(client)
-    assert "deadline of 500 ms exceeded" in error_text(leader.result)
+            letters = (await client.call_tool("dead_letters", {})).structured_content
+    assert "deadline of 300 ms exceeded while in the inference stage" in error_text(first.result)
     assert waiter.structured["text"] == "slow answer"
-    assert worker.cancelled == 1 and worker.finished == 1
+    assert waiter.structured["coalesced"] is True
+    assert worker.calls == 1 and worker.cancelled == 0 and worker.finished == 1
     assert totals["failed"] == 1 and totals["completed"] == 1
+    assert letters is not None and [entry["reason"] for entry in letters["entries"]] == ["deadline_exceeded"]
 
 
 async def test_a_failure_reaches_every_waiter_and_is_not_cached() -> None:
@@ -225,7 +228,7 @@ async def test_waiters_get_the_streamed_chunks_too() -> None:
             async with anyio.create_task_group() as tg:
                 for name in ("leader", "waiter"):
                     callback = await collect(name)
-                    tg.start_soon(lambda cb=callback: client.call_tool("infer", {"prompt": "hi"}, progress_callback=cb))
+                    tg.start_soon(lambda cb=callback: client.call_tool("infer", {"prompt": "hi"}, **with_progress(cb)))
                     await wait_for(lambda: worker.calls == 1)
                 await wait_for(lambda: followers(orchestrator) == 1)
                 worker.open()

@@ -98,13 +98,13 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
     (
         "wrong-type",
         ["[stages.inference]", 'concurrency = "many"'],
-        ["stages.inference.concurrency", "valid integer", "'many'"],
+        ["stages.inference.concurrency", "valid integer", '(got "many")'],
     ),
     ("bad-value", ["[stages.rag]", "channel_capacity = 0"], ["stages.rag.channel_capacity", "greater than 0", "0"]),
     (
         "bad-enum",
         ["[observability]", 'log_level = "loud"'],
-        ["observability.log_level", "'debug', 'info', 'warning' or 'error'", "'loud'"],
+        ["observability.log_level", "'debug', 'info', 'warning' or 'error'", '(got "loud")'],
     ),
     (
         "inference-disabled",

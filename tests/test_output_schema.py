@@ -18,16 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from mcp_orchestrator.models import (
-    Hop,
-    InferResult,
-    Provenance,
-    StageTimings,
-    Usage,
-    flat_json_schema,
-)
+from mcp_orchestrator.models import Hop, InferResult, Provenance, StageTimings, Usage
+from mcp_orchestrator.server.schema import flat_json_schema
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
-from tests.conftest import error_text, make_config, running, wait_for
+from tests.conftest import error_text, make_config, running, wait_for, with_progress
 from tests.support_admission import GatedWorker, serving, start_call
 
 pytestmark = pytest.mark.anyio
@@ -153,7 +147,7 @@ async def test_fresh_cached_capped_and_streamed_answers_validate() -> None:
             stopped = checked(schema, await client.call_tool("infer", {"prompt": "a b STOP c", "stop": ["STOP"]}))
             streamed = checked(
                 schema,
-                await client.call_tool("infer", {"prompt": "x y z", "cache": False}, progress_callback=on_progress),
+                await client.call_tool("infer", {"prompt": "x y z", "cache": False}, **with_progress(on_progress)),
             )
     assert fresh["cached"] is False and fresh["provenance"] is not None
     assert cached["cached"] is True
@@ -169,7 +163,7 @@ async def test_coalesced_answers_validate() -> None:
         with anyio.fail_after(CALL_TIMEOUT_S):
             async with anyio.create_task_group() as tg:
                 calls = [start_call(tg, client, {"prompt": "shared"}) for _ in range(3)]
-                await wait_for(lambda: sum(r.coalesced for r in orchestrator.pipeline.live.values()) == 2)
+                await wait_for(lambda: orchestrator.status().cache.waiting == 2)
                 worker.open()
     results = [checked(schema, call.result) for call in calls]
     assert sorted(result["coalesced"] for result in results) == [False, True, True]

@@ -15,14 +15,15 @@ from anyio.abc import TaskGroup
 from mcp import Client
 from mcp.types import CallToolResult
 
-from mcp_orchestrator.app import Orchestrator
+from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.errors import OrchestratorError, RequestShed
 from mcp_orchestrator.logs import Sampled
-from mcp_orchestrator.models import Outcome, Priority, StageName, Submission
-from mcp_orchestrator.pipeline import Pipeline
-from mcp_orchestrator.pipeline.core import SHED_LOG_INTERVAL_S
+from mcp_orchestrator.models import Outcome, Priority, Submission
+from mcp_orchestrator.pipeline import Pipeline, stages
+from mcp_orchestrator.pipeline.prompt import post_process
+from mcp_orchestrator.pipeline.stages import SHED_LOG_INTERVAL_S
 from mcp_orchestrator.workers.echo import EchoWorker
-from tests.conftest import error_text, make_config, running, status_of, totals_of, wait_for
+from tests.conftest import error_text, make_config, running, status_of, totals_of, wait_for, with_progress
 from tests.support_faults_extra import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -68,7 +69,7 @@ def start_call(
     async def run() -> None:
         try:
             with call.scope:
-                call.result = await client.call_tool(tool, arguments, progress_callback=on_progress)
+                call.result = await client.call_tool(tool, arguments, **with_progress(on_progress))
         finally:
             call.done.set()
 
@@ -178,9 +179,8 @@ async def test_full_rag_queue_sheds_and_the_ring_keeps_only_the_newest() -> None
     the queue holds the second, the next five are shed (dl-1 .. dl-5) and a ring of 3 keeps
     dl-3 .. dl-5."""
     config = make_config(stages={"rag": {"channel_capacity": 1}}, pipeline={"dead_letter_capacity": 3})
-    async with running(config) as (orchestrator, client):
-        held = HeldRetrieval()
-        orchestrator.pipeline.context_source = held
+    held = HeldRetrieval()
+    async with running(config, context_source=held) as (orchestrator, client):
         with anyio.fail_after(TEST_TIMEOUT_S):
             requests = quick_submissions(orchestrator.pipeline, 7)
             for request in requests[2:]:
@@ -221,13 +221,11 @@ async def test_shedding_logs_one_warning_per_stage_and_interval(caplog: pytest.L
     """Under overload every shed request is a dead letter and a metric, but not a log line:
     one warning per stage per interval, the next one counting those left out."""
     clock = FakeClock()
-    orchestrator = Orchestrator(make_config(stages={"rag": {"channel_capacity": 1}}), clock=clock)
     held = HeldRetrieval()
-    orchestrator.pipeline.context_source = held
-    caplog.set_level(logging.WARNING, logger="mcp_orchestrator.pipeline.core")
-    async with orchestrator:
+    orchestrator = Orchestrator(make_config(stages={"rag": {"channel_capacity": 1}}), context_source=held, clock=clock)
+    caplog.set_level(logging.WARNING, logger="mcp_orchestrator.pipeline.stages")
+    async with orchestrator:  # running: every stage's task waits for work
         with anyio.fail_after(TEST_TIMEOUT_S):
-            await wait_for(lambda: bool(orchestrator.pipeline._idle.get(StageName.rag)))  # RAG waits for work
             first = quick_submissions(orchestrator.pipeline, 7)  # 1 retrieving, 1 queued, 5 shed
             clock.advance(SHED_LOG_INTERVAL_S)
             later = orchestrator.pipeline.submit(Submission(prompt="one more", cache=False, dedup=False))
@@ -236,7 +234,7 @@ async def test_shedding_logs_one_warning_per_stage_and_interval(caplog: pytest.L
                 await orchestrator.pipeline.wait(request)
     warnings = [record.getMessage() for record in caplog.records if "shed at rag" in record.getMessage()]
     assert later.outcome is Outcome.shed
-    assert orchestrator.pipeline.counters.shed == 6
+    assert orchestrator.status().totals.shed == 6
     assert len(warnings) == 2
     assert "more shed" not in warnings[0]
     assert warnings[1].endswith("(4 more shed there since the last such line)")
@@ -250,19 +248,20 @@ def test_sampled_takes_one_record_per_key_and_interval() -> None:
     assert [sampled.take("a"), sampled.take("a"), sampled.take("b")] == [2, None, 0]
 
 
-async def test_a_bug_in_a_stage_fails_that_request_only_whether_it_queued_or_not() -> None:
+async def test_a_bug_in_a_stage_fails_that_request_only_whether_it_queued_or_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Light stages run a request at once when their task is idle, or from their queue when
     it is not: either way a stage that raises fails that one request with a dead letter."""
+
+    def fragile(text: str, *args: Any) -> tuple[str, bool]:
+        if "boom" in text:
+            raise RuntimeError("post-processor bug")
+        return post_process(text, *args)
+
+    monkeypatch.setattr(stages, "post_process", fragile)  # a bug in the stage's own work
     async with running() as (orchestrator, client):
         pipeline = orchestrator.pipeline
-        post_process = pipeline._work[StageName.post_process]
-
-        def fragile(request: Any, enabled: bool) -> None:
-            if "boom" in request.submission.prompt:
-                raise RuntimeError("post-processor bug")
-            post_process(request, enabled)
-
-        pipeline._work[StageName.post_process] = fragile
         with anyio.fail_after(TEST_TIMEOUT_S):
             direct = await client.call_tool("infer", {"prompt": "boom now", "cache": False})
             fine = await client.call_tool("infer", {"prompt": "fine now", "cache": False})
@@ -355,7 +354,7 @@ async def test_cancelling_one_call_leaves_the_others_intact(mode: str) -> None:
                 for call in calls:
                     await call.first_chunk.wait()
                 calls[1].scope.cancel()
-                await wait_for(lambda: orchestrator.pipeline.counters.cancelled == 1)
+                await wait_for(lambda: orchestrator.status().totals.cancelled == 1)
             totals = await totals_of(client)
     assert calls[1].cancelled
     for index in (0, 2, 3):
@@ -471,7 +470,7 @@ async def test_a_critical_caller_joining_a_low_flight_moves_it_up_the_queue() ->
                     await wait_for(lambda position=position: inference_depth(orchestrator) == position)
                 arguments = {"prompt": "shared question", "priority": "critical"}
                 calls.append(start_call(tg, client, "shared-critical", arguments, on_first_chunk=started.append))
-                await wait_for(lambda: len(orchestrator.pipeline.live) == 5)  # joined the low flight
+                await wait_for(lambda: orchestrator.status().totals.in_flight == 5)  # joined the low flight
                 assert inference_depth(orchestrator) == 3  # a follower takes no queue place
                 blocker.scope.cancel()
             totals = await totals_of(client)

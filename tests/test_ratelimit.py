@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mcp_orchestrator.config import ConfigError, config_from_mapping
+from mcp_orchestrator.config import config_from_mapping
+from mcp_orchestrator.errors import ConfigError
 from mcp_orchestrator.resilience.ratelimit import NS_PER_S, PriorityGate, TokenBucket, TokenUnavailable
 from tests.conftest import wait_for
 from tests.support_admission import ManualClock

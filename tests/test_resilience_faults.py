@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from mcp import Client
 
-from mcp_orchestrator.app import Orchestrator
-from mcp_orchestrator.config import Config
-from tests.conftest import error_text, make_config, status_of
+from mcp_orchestrator import Orchestrator
+from mcp_orchestrator.config import Config, with_values
+from tests.conftest import error_text, make_config, status_of, with_progress
 from tests.support_faults_extra import FakeClock, ScriptedFaultServer, scripted_faults
 from tests.support_llama import llama
 
@@ -47,8 +47,7 @@ def config_for(worker: dict[str, Any], **resilience: Any) -> Config:
 def with_read_timeout(config: Config) -> Config:
     """A short read timeout, so a stalled stream ends quickly. Answers come from memory
     (the fault server replays recorded ones), so the timeout fires only where a test stalls."""
-    config.stages.inference.http.read_timeout_s = STALL_READ_TIMEOUT_S
-    return config
+    return with_values(config, {"stages.inference.http.read_timeout_s": STALL_READ_TIMEOUT_S})
 
 
 def open_ai_at(faults: ScriptedFaultServer, name: str) -> dict[str, Any]:
@@ -70,8 +69,8 @@ async def infer(client: Client, prompt: str = "Say hi", *, watch: bool = False, 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         return None
 
-    callback = on_progress if watch else None
-    return await client.call_tool("infer", {"prompt": prompt, **arguments}, progress_callback=callback)
+    progress = with_progress(on_progress) if watch else {}
+    return await client.call_tool("infer", {"prompt": prompt, **arguments}, **progress)
 
 
 def answer(result: Any) -> dict[str, Any]:
@@ -264,7 +263,7 @@ async def test_reset_mid_stream_after_text_reached_the_caller_is_not_retried(
         progress.append(message or "")
 
     async with serving(config_for(open_ai_at(scripted_faults, name), retry_attempts=3)) as (_, client, _clock):
-        result = await client.call_tool("infer", {"prompt": "Count to ten"}, progress_callback=on_progress)
+        result = await client.call_tool("infer", {"prompt": "Count to ten"}, **with_progress(on_progress))
         message = error_text(result)
         totals = (await status_of(client))["totals"]
     assert progress, "the caller got part of the answer before the reset"

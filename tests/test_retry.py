@@ -283,8 +283,8 @@ async def test_pipeline_does_not_retry_permanent_errors() -> None:
     async with pipeline_with(worker) as (pipeline, clock):
         with pytest.raises(WorkerFailed, match="HTTP 400"):
             await pipeline.infer(Submission(prompt="hi", cache=False, dedup=False))
-        assert pipeline.breaker_status()[0].state == "closed"
-        assert pipeline.breaker_status()[0].consecutive_failures == 0
+        assert pipeline.status().breakers[0].state == "closed"
+        assert pipeline.status().breakers[0].consecutive_failures == 0
     assert worker.calls == 1
     assert clock.sleeps == []
 
@@ -323,7 +323,7 @@ async def test_attempt_timeout_is_a_retryable_failure() -> None:
     worker = Scripted("stall", "ok")
     async with pipeline_with(worker, attempt_timeout_ms=50) as (pipeline, _):
         result = await pipeline.infer(Submission(prompt="hi", cache=False, dedup=False))
-        status = pipeline.breaker_status()[0]
+        status = pipeline.status().breakers[0]
     assert result.text == "hello world"
     assert result.attempts == 2
     assert result.provenance is not None
@@ -337,7 +337,7 @@ async def test_stage_timeout_ends_the_stage_without_retrying() -> None:
     async with Pipeline(config, worker, clock=FakeClock(follow_loop=True)) as pipeline:
         with pytest.raises(StageTimeout, match="inference stage timed out after 50 ms"):
             await pipeline.infer(Submission(prompt="hi", cache=False, dedup=False))
-        assert pipeline.breaker_status()[0].failures == 1
+        assert pipeline.status().breakers[0].failures == 1
         assert pipeline.reconciles()
     assert worker.calls == 1
 
@@ -353,13 +353,13 @@ async def test_breaker_opens_then_fails_fast_without_calling_the_backend() -> No
         with pytest.raises(CircuitOpen, match=r"^backend scripted unavailable, circuit open, retry after 40 s$"):
             await pipeline.infer(Submission(prompt="hi", cache=False, dedup=False))
         assert worker.calls == 3
-        status = pipeline.breaker_status()[0]
+        status = pipeline.status().breakers[0]
         assert (status.state, status.rejected, status.times_opened) == ("open", 1, 1)
         worker.steps = ["ok"]
         clock.advance(40)
         result = await pipeline.infer(Submission(prompt="hi", cache=False, dedup=False))
         assert result.provenance is not None and result.provenance.breaker == "half_open"
-        assert pipeline.breaker_status()[0].state == "half_open"
+        assert pipeline.status().breakers[0].state == "half_open"
 
 
 async def test_pipeline_says_when_the_retries_are_used_up() -> None:

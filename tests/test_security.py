@@ -115,7 +115,7 @@ def test_distributed_redis_url_is_refused_without_echoing_it(
     code = main(["--config", str(path), "--check-config"])
     out, err = capsys.readouterr()
     assert code == 2
-    assert "distributed: redis_url: distributed mode" in err
+    assert "distributed.redis_url: distributed mode" in err
     assert "TOPSECRET" not in out + err
 
 

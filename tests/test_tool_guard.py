@@ -34,7 +34,7 @@ async def test_argument_errors_are_short_and_name_each_argument() -> None:
         assert result.is_error
         text = result.content[0].text  # type: ignore[union-attr]
         assert text == (
-            "Invalid arguments for infer: prompt: String should have at least 1 character (got ''); "
+            'Invalid arguments for infer: prompt: String should have at least 1 character (got ""); '
             "temperature: Input should be less than or equal to 2 (got 5)"
         )
         assert "errors.pydantic.dev" not in text

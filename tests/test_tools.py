@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mcp import Client
 
 from mcp_orchestrator.models import InferResult
-from tests.conftest import error_text, make_config, running, status_of, totals_of, wait_for
+from tests.conftest import error_text, make_config, running, status_of, totals_of, wait_for, with_progress
 
 pytestmark = pytest.mark.anyio
 
@@ -195,7 +195,7 @@ async def test_infer_streams_chunks_as_progress_in_order_before_the_result() -> 
 
     async with running() as (_, client):
         with anyio.fail_after(CALL_TIMEOUT_S):
-            result = await client.call_tool("infer", {"prompt": " ".join(words)}, progress_callback=on_progress)
+            result = await client.call_tool("infer", {"prompt": " ".join(words)}, **with_progress(on_progress))
             # Everything below was recorded before call_tool returned.
             received_before_result = list(seen)
     assert not result.is_error, result.content
@@ -326,7 +326,9 @@ async def test_bad_input_mixed_with_good_calls_keeps_counters_exact() -> None:
                 for index in range(10):
                     arguments = {"prompt": f"good {index}"} if index % 2 else {"prompt": "", "max_tokens": -1}
                     tg.start_soon(client.call_tool, "infer", arguments)
-            await wait_for(lambda: orchestrator.pipeline.counters.ended() == 5)
+            await wait_for(
+                lambda: (lambda t: t.completed + t.failed + t.shed + t.cancelled)(orchestrator.status().totals) == 5
+            )
             totals = await totals_of(client)
     assert totals["submitted"] == 5
     assert totals["completed"] == 5

@@ -13,7 +13,7 @@ import pytest
 from mcp import Client
 
 from mcp_orchestrator.config import Config
-from tests.conftest import error_text, make_config, running, status_of, wait_for
+from tests.conftest import error_text, make_config, running, status_of, wait_for, with_progress
 from tests.support_processes import free_port
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ async def test_fallback_never_switches_backends_mid_answer(fault_server: FaultSe
         async def on_progress(value: float, total: float | None, message: str | None) -> None:
             chunks.append(message or "")
 
-        result = await client.call_tool("infer", {"prompt": "Say hi", "cache": False}, progress_callback=on_progress)
+        result = await client.call_tool("infer", {"prompt": "Say hi", "cache": False}, **with_progress(on_progress))
     message = error_text(result)
     assert "failed after its answer had started streaming; not switching members mid-answer" in message
     assert "the connection broke while reading the answer" in message

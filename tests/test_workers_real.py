@@ -15,7 +15,7 @@ import pytest
 from mcp import Client
 
 from mcp_orchestrator.config import Config
-from tests.conftest import error_text, make_config, running, status_of
+from tests.conftest import error_text, make_config, running, status_of, with_progress
 from tests.support_processes import free_port
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ async def test_infer_through_each_worker_kind(kind: str, llama: LlamaServer) -> 
             progress.append((value, message or ""))
 
         result = await client.call_tool(
-            "infer", {"prompt": PROMPT, "cache": False, "dedup": False}, progress_callback=on_progress
+            "infer", {"prompt": PROMPT, "cache": False, "dedup": False}, **with_progress(on_progress)
         )
         assert not result.is_error, error_text(result)
         answer = result.structured_content

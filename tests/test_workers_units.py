@@ -10,14 +10,14 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from mcp_orchestrator.errors import WorkerSpecError
 from mcp_orchestrator.models import GenerationParams, Message
 from mcp_orchestrator.workers.base import WorkerError, WorkerRequest, layer_params
 from mcp_orchestrator.workers.echo import EchoWorker
-from mcp_orchestrator.workers.fallback import FallbackWorker
 from mcp_orchestrator.workers.hashring import HashRing
 from mcp_orchestrator.workers.keys import resolve_key, without_credentials
 from mcp_orchestrator.workers.pool import PoolWorker, Strategy
-from mcp_orchestrator.workers.registry import BuildContext, WorkerSpecError, build_worker
+from mcp_orchestrator.workers.registry import BuildContext, build_worker
 from mcp_orchestrator.workers.taxonomy import (
     backend_message,
     is_retryable_status,
@@ -255,16 +255,6 @@ async def test_session_affinity_keeps_a_session_on_one_replica() -> None:
     assert len(set(chosen.values())) == 3
 
 
-async def test_chunks_from_composites_carry_their_route() -> None:
-    pool = PoolWorker([EchoWorker("a"), EchoWorker("b")])
-    chain = FallbackWorker([pool])
-    chunks = [chunk async for chunk in chain.generate(request())]
-    route = chunks[-1].route
-    assert route is not None
-    assert route.hops == ("fallback member 0", "pool replica 0")
-    assert route.served_by == "echo (a)"
-
-
 async def _drain(worker: Any) -> None:
     async for _ in worker.generate(request()):
         pass
@@ -284,12 +274,20 @@ def test_a_config_file_names_every_bad_member_on_its_own_line(
     )
     assert main(["--config", str(path), "--check-config"]) == EXIT_USAGE
     lines = capsys.readouterr().err.splitlines()
+    # The file's own keys, under the file's name (the worker key is `worker`, not the tool's `kind`).
     assert lines == [
-        "mcp-orchestrator: stages.inference: members.0.base_url: must be an http:// or https:// URL with a host, "
-        "e.g. http://localhost:8080 (got 'api.openai.com')",
-        "mcp-orchestrator: stages.inference: members.1.seed: not an option of worker kind 'anthropic' (its options: "
-        "model, base_url, max_tokens, temperature, top_p, stop, system, stream, api_key_env)",
+        f"mcp-orchestrator: {path}: stages.inference.members.0.base_url: must be an http:// or https:// URL "
+        'with a host, e.g. http://localhost:8080 (got "api.openai.com")',
+        f"mcp-orchestrator: {path}: stages.inference.members.1.seed: not an option of worker kind 'anthropic' "
+        "(its options: api_key_env, base_url, max_tokens, model, stop, stream, system, temperature, top_p)",
     ]
+    path.write_text("[stages.inference]\nworker = 'gpt'\n")
+    assert main(["--config", str(path), "--check-config"]) == EXIT_USAGE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"mcp-orchestrator: {path}: stages.inference.worker: unknown worker kind 'gpt'; allowed:")
+    assert main(["--worker", "gpt", "--check-config"]) == EXIT_USAGE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("mcp-orchestrator: command line: --worker (stages.inference.worker): unknown worker kind")
 
     path.write_text(
         "[stages.inference]\nworker = 'pool'\nstrategy = 'least_loaded'\n"

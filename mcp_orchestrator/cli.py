@@ -1,0 +1,279 @@
+"""Command line: parse flags, load config, run the server on stdio or streamable HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+
+from mcp_orchestrator import __version__
+from mcp_orchestrator.config import Config, load_config, with_values
+from mcp_orchestrator.errors import BindError, ConfigError, Problem
+from mcp_orchestrator.logs import configure_logging
+from mcp_orchestrator.security import redact
+from mcp_orchestrator.workers.registry import kinds
+
+log = logging.getLogger("mcp_orchestrator")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mcp-orchestrator",
+        description="An MCP server that runs prompts through a production LLM pipeline "
+        "(RAG -> assemble -> inference -> post-process -> stream). Flags override the config file.",
+    )
+    parser.add_argument("--version", action="version", version=f"mcp-orchestrator {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (see README for every key)")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration (file plus flags), print the resolved settings as JSON and exit",
+    )
+    parser.add_argument(
+        "--worker",
+        metavar="KIND",
+        help=f"inference worker: {', '.join(kinds())} (default echo). open_ai reads OPENAI_API_KEY "
+        "(OPENAI_BASE_URL), anthropic ANTHROPIC_API_KEY, llama_cpp LLAMA_CPP_URL (default http://localhost:8080), "
+        "vllm VLLM_URL (default http://localhost:8000); pool and fallback need a config file",
+    )
+    parser.add_argument("--model", help="model name for the worker")
+    parser.add_argument(
+        "--base-url", metavar="URL", help="HTTP workers: backend URL (overrides the environment variable)"
+    )
+    parser.add_argument("--delay-ms", type=int, metavar="MS", help="echo worker: simulated latency in ms")
+    parser.add_argument(
+        "--concurrency", type=int, metavar="N", help="requests the inference stage runs at once (default 64)"
+    )
+    parser.add_argument(
+        "--transport", choices=["stdio", "http"], help="stdio (default, for Claude Desktop/Code) or streamable HTTP"
+    )
+    parser.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one, shown on stderr)")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="extra Host header value accepted over HTTP (repeatable); required when --host is not loopback",
+    )
+    parser.add_argument(
+        "--allowed-origin", action="append", metavar="ORIGIN", help="extra Origin accepted over HTTP (repeatable)"
+    )
+    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="also serve Prometheus /metrics on this port")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="stderr log level (default warning)"
+    )
+    parser.add_argument("--log-format", choices=["pretty", "json"], help="stderr log format (default pretty)")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """The file's settings with the flags on top, validated as one."""
+    config = load_config(args.config)
+    overrides: dict[str, Any] = {}
+    for key, flag in FLAG_FOR_KEY.items():
+        value = getattr(args, _dest(flag))
+        if value is None:
+            continue
+        if key in APPENDED_KEYS:
+            section, name = key.split(".")
+            value = getattr(getattr(config, section), name) + value  # repeated flags add to the file's list
+        overrides[key] = value
+    return with_values(config, overrides, "command line")
+
+
+def _where(source: str, problem: Problem, args: argparse.Namespace) -> str:
+    """A problem with where it comes from: the file, or the flag that set the key."""
+    flag = FLAG_FOR_KEY.get(problem.key)
+    if source == "command line" or (flag is not None and getattr(args, _dest(flag)) is not None):
+        return f"command line: {_name_flag(problem)}"
+    if source in ("worker", "config"):  # checked after loading: the key came from the file
+        source = args.config or "command line"
+    return f"{source}: {problem}"
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _name_flag(problem: Problem) -> Problem:
+    """Say '--concurrency (stages.inference.concurrency)' rather than the key alone for a bad flag value."""
+    flag = FLAG_FOR_KEY.get(problem.key)
+    return problem if flag is None else Problem(f"{flag} ({problem.key})", problem.message)
+
+
+# The config key each flag sets; the flag's argparse dest is its name without dashes.
+FLAG_FOR_KEY = {
+    "stages.inference.worker": "--worker",
+    "stages.inference.model": "--model",
+    "stages.inference.base_url": "--base-url",
+    "stages.inference.delay_ms": "--delay-ms",
+    "stages.inference.concurrency": "--concurrency",
+    "server.transport": "--transport",
+    "server.host": "--host",
+    "server.port": "--port",
+    "server.allowed_hosts": "--allowed-host",
+    "server.allowed_origins": "--allowed-origin",
+    "observability.metrics_port": "--metrics-port",
+    "observability.log_level": "--log-level",
+    "observability.log_format": "--log-format",
+}
+APPENDED_KEYS = frozenset({"server.allowed_hosts", "server.allowed_origins"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = resolve_config(args)
+        # Imported late so that --help and config errors stay fast.
+        from mcp_orchestrator.orchestrator import Orchestrator, worker_from_config
+        from mcp_orchestrator.pipeline.context import load_context_source
+
+        worker_from_config(config)  # the worker and the context source are checked before anything starts
+        if config.stages.rag.source is not None:
+            load_context_source(config.stages.rag.source)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"mcp-orchestrator: {_where(exc.source, problem, args)}", file=sys.stderr)
+        return EXIT_USAGE
+    serves_http = config.server.transport == "http" or config.observability.metrics_port is not None
+    if serves_http:  # checked before --check-config, which must not approve a refused bind
+        from mcp_orchestrator.server.http import security_settings
+
+        try:
+            security_settings(config.server.host, config.server.allowed_hosts, config.server.allowed_origins)
+        except BindError as exc:
+            print(f"mcp-orchestrator: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if args.check_config:
+        print(json.dumps(redact(config.model_dump(mode="json")), indent=2))
+        return 0
+
+    configure_logging(config.observability.log_level, config.observability.log_format)
+    # SIGHUP reloads the file, with the same flags on top (flags still win).
+    reload_from = functools.partial(resolve_config, args) if args.config else None
+    listener = None
+    if config.server.transport == "http":
+        # Bound before anything starts, so a taken port is one clear line, not a traceback.
+        try:
+            listener = _listening_socket(config.server.host, config.server.port)
+        except OSError as exc:
+            where = f"{config.server.host}:{config.server.port}"
+            print(
+                f"mcp-orchestrator: cannot listen on {where}: {exc.strerror or exc} (--port / server.port)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+    try:
+        anyio.run(serve, Orchestrator(config), reload_from, args.config, listener)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if listener is not None:
+            listener.close()
+    return 0
+
+
+async def serve(
+    orchestrator: Any,
+    reload_from: Callable[[], Config] | None = None,
+    source: str | None = None,
+    listener: socket.socket | None = None,
+) -> None:
+    """Run the server until it stops. For HTTP, `listener` is the bound socket (bound here
+    when not given)."""
+    config: Config = orchestrator.config
+    async with orchestrator, anyio.create_task_group() as tg:
+        if config.observability.metrics_port is not None:
+            tg.start_soon(_serve_metrics, orchestrator, config.observability.metrics_port)
+        if reload_from is not None and hasattr(signal, "SIGHUP"):
+            from mcp_orchestrator.reload import reload_on_sighup
+
+            tg.start_soon(reload_on_sighup, orchestrator, reload_from, source or "config")
+        if config.server.transport == "stdio":
+            log.info("serving MCP over stdio with worker %s", orchestrator.pipeline.worker.describe())
+            await orchestrator.server.run_stdio_async()
+        else:
+            await _serve_http(orchestrator, listener)
+        tg.cancel_scope.cancel()
+
+
+async def _serve_http(orchestrator: Any, listener: socket.socket | None = None) -> None:
+    import uvicorn
+
+    from mcp_orchestrator.server.http import MCP_PATH, build_http_app
+
+    server_config = orchestrator.config.server
+    token = os.environ.get(server_config.auth_token_env) or None
+    app = build_http_app(
+        orchestrator, server_config.host, server_config.allowed_hosts, server_config.allowed_origins, token
+    )
+    uv_config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_config=None,
+        log_level=orchestrator.config.observability.log_level,
+        access_log=False,
+        lifespan="on",
+    )
+    # Bound by us rather than by uvicorn so the banner shows the real port (`--port 0` picks one).
+    sock = listener or _listening_socket(server_config.host, server_config.port)
+    port = sock.getsockname()[1]
+    shown_host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
+    print(
+        f"mcp-orchestrator {__version__}: MCP at http://{shown_host}:{port}{MCP_PATH} "
+        f"(also /healthz, /metrics){' with bearer token' if token else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    with sock:
+        await uvicorn.Server(uv_config).serve(sockets=[sock])
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+        0
+    ]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _serve_metrics(orchestrator: Any, port: int) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from mcp_orchestrator.server.http import PROMETHEUS_CONTENT_TYPE, Guard, security_settings
+
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(orchestrator.pipeline.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    server_config = orchestrator.config.server
+    host = server_config.host
+    # The same Host/Origin checks and optional bearer token as the main HTTP endpoints.
+    settings = security_settings(host, server_config.allowed_hosts, server_config.allowed_origins)
+    token = os.environ.get(server_config.auth_token_env) or None
+    app = Guard(Starlette(routes=[Route("/metrics", metrics)]), settings, token)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
+    await server.serve()

@@ -1,0 +1,362 @@
+"""Configuration: TOML file -> pydantic models, with errors that name the file and the key.
+
+Every section and key is optional; the defaults are the seeds' production values. Every
+key does what docs/configuration.md says or is refused: unknown keys are errors (with a
+did-you-mean), values are strict (`enabled = "yes"` or `1` is not a boolean), and keys
+that exist in the seeds but cannot do anything here are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mcp_orchestrator.errors import ConfigError, Problem, validation_problems
+from mcp_orchestrator.models import MaxTokens, Temperature
+from mcp_orchestrator.resilience.breaker import BreakerSettings
+from mcp_orchestrator.resilience.retry import RetryPolicy
+from mcp_orchestrator.workers.options import HttpSettings, WorkerOptions
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+_BREAKER = BreakerSettings()
+_RETRY = RetryPolicy()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
+
+
+class PipelineSection(_Section):
+    name: Annotated[str, Field(min_length=1, max_length=128)] = "mcp-orchestrator"
+    """The MCP server's name (serverInfo.name, what clients show)."""
+    version: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """The MCP server's version (serverInfo.version); default: the package version."""
+    description: Annotated[str, Field(max_length=2000)] | None = None
+    """The MCP server's description (serverInfo.description)."""
+    default_deadline_ms: PositiveInt = 120_000
+    """Deadline of a request that does not set deadline_ms."""
+    max_deadline_ms: PositiveInt = 600_000
+    """Largest deadline_ms a call may ask for."""
+    dead_letter_capacity: PositiveInt = 1000
+    """Dead letters kept; the oldest is dropped first."""
+    max_prompt_chars: PositiveInt = 200_000
+    """Longest prompt or system prompt accepted."""
+    priority_aging_ms: PositiveInt = 10_000
+    """A waiting request gains one priority level per this many milliseconds, so Low never starves."""
+
+
+class _AlwaysOnStage(_Section):
+    """A stage the pipeline cannot do without: `enabled` exists (the seeds' files set it) but
+    only `true` is accepted, with the reason."""
+
+    stage: ClassVar[str]
+    why: ClassVar[str]
+
+    enabled: bool = True
+    """Always true (only rag and post_process can be disabled)."""
+
+    @field_validator("enabled")
+    @classmethod
+    def _cannot_be_disabled(cls, value: bool) -> bool:
+        if not value:
+            raise ValueError(f"the {cls.stage} stage cannot be disabled: {cls.why} (only rag and post_process can be)")
+        return value
+
+
+class RagSection(_Section):
+    enabled: bool = True
+    """false: requests skip the stage (no context source is called, no context added)."""
+    channel_capacity: PositiveInt = 512
+    """Queue in front of the stage; a request arriving at a full queue is shed."""
+    timeout_ms: PositiveInt = 5000
+    """Longest wait for the context source (capped by the request's deadline)."""
+    max_context_tokens: PositiveInt = 2048
+    """Context kept from the source: whole passages, in order, while their word count fits."""
+    source: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")] | None = None
+    """The context source, "package.module:name": an object with an async retrieve(query, session_id,
+    max_tokens), or a no-argument callable returning one. None: no retrieval (the stage passes requests on)."""
+
+
+class AssembleSection(_AlwaysOnStage):
+    stage = "assemble"
+    why = "it builds the messages the worker receives"
+
+    channel_capacity: PositiveInt = 512
+
+
+class InferenceSection(WorkerOptions, _AlwaysOnStage):
+    """The inference stage and its worker: `worker` is the kind, the worker options (declared in
+    workers/options.py) configure it, and max_tokens ... stop are the defaults under every
+    worker's own settings (a call's own win over both)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
+    stage = "inference"
+    why = "it calls the worker"
+
+    channel_capacity: PositiveInt = 1024
+    """The priority queue in front of the inference tasks; full -> shed."""
+    timeout_ms: PositiveInt = 30_000
+    """Longest time for the backend call, retries included (capped by the request's deadline)."""
+    concurrency: PositiveInt = 64
+    """Requests running on the backend at once."""
+    worker: Annotated[str, Field(min_length=1)] = "echo"
+    """The worker kind: echo, open_ai, anthropic, llama_cpp, vllm, pool or fallback."""
+    max_tokens: MaxTokens = 1024
+    temperature: Temperature = 0.7
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    """The HTTP client all HTTP workers share."""
+
+
+class PostProcessSection(_Section):
+    enabled: bool = True
+    """false: requests skip the stage (no stop sequences, length cap or stripping applied here)."""
+    channel_capacity: PositiveInt = 512
+    max_output_chars: PositiveInt | None = None
+    """Cap on the final text length (after stop sequences); None means no cap."""
+    strip_whitespace: bool = True
+
+
+class StreamSection(_AlwaysOnStage):
+    stage = "stream"
+    why = "it hands the answer to the caller"
+
+    channel_capacity: PositiveInt = 256
+
+
+class StagesSection(_Section):
+    rag: RagSection = Field(default_factory=RagSection)
+    assemble: AssembleSection = Field(default_factory=AssembleSection)
+    inference: InferenceSection = Field(default_factory=InferenceSection)
+    post_process: PostProcessSection = Field(default_factory=PostProcessSection)
+    stream: StreamSection = Field(default_factory=StreamSection)
+
+
+class ResilienceSection(_Section):
+    retry_attempts: Annotated[int, Field(ge=0, le=20)] = _RETRY.retries
+    """Retries after the first call, for retryable failures only."""
+    retry_base_ms: PositiveInt = round(_RETRY.base_s * 1000)
+    retry_max_ms: PositiveInt = round(_RETRY.max_s * 1000)
+    """Retry n waits a random time in [0, min(retry_max_ms, retry_base_ms * 2**n)], at least Retry-After."""
+    attempt_timeout_ms: PositiveInt | None = None
+    """Cap on one backend call (to its last chunk); a call over it is a retryable failure. None: only the
+    inference stage's timeout_ms and the request's deadline bound it."""
+    circuit_breaker_threshold: PositiveInt = _BREAKER.threshold
+    """Consecutive retryable failures that open a backend's breaker."""
+    circuit_breaker_timeout_s: PositiveFloat = _BREAKER.timeout_s
+    """How long an open breaker fails fast before letting probes through."""
+    circuit_breaker_success_rate: Annotated[float, Field(gt=0, le=1)] = _BREAKER.success_rate
+    circuit_breaker_probes: Annotated[int, Field(ge=1, le=100)] = _BREAKER.probes
+    """Calls a half-open breaker lets through to judge the backend (it closes when
+    circuit_breaker_success_rate of them succeed)."""
+
+    @model_validator(mode="after")
+    def _base_not_above_max(self) -> ResilienceSection:
+        if self.retry_base_ms > self.retry_max_ms:
+            raise ValueError(
+                f"retry_base_ms ({self.retry_base_ms}) must not be greater than retry_max_ms ({self.retry_max_ms})"
+            )
+        return self
+
+    def breaker_settings(self) -> BreakerSettings:
+        return BreakerSettings(
+            self.circuit_breaker_threshold,
+            self.circuit_breaker_timeout_s,
+            self.circuit_breaker_success_rate,
+            self.circuit_breaker_probes,
+        )
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.retry_attempts, self.retry_base_ms / 1000, self.retry_max_ms / 1000)
+
+
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class RateLimitsSection(_Section):
+    """Token buckets in front of the pipeline; tokens are spent only on requests that will
+    call the backend (cache hits and coalesced followers are free)."""
+
+    enabled: bool = False
+    requests_per_second: Rate = 100
+    burst_capacity: PositiveInt = 20
+    """Tokens a full bucket holds: at most requests_per_second * T + burst_capacity pass in any T seconds."""
+    per_session_rps: Rate | None = None
+    """Each session_id gets its own bucket at this rate (None: sessions share the global one only)."""
+    per_session_burst: PositiveInt | None = None
+    """Burst of each session's bucket; defaults to burst_capacity."""
+    min_remaining_ms: Annotated[int, Field(ge=0)] = 100
+    """A waiting request is admitted only while this much of its deadline is left, so no token
+    is spent on a request that can no longer be answered (it is refused with retry_after_ms)."""
+
+    @model_validator(mode="after")
+    def _session_burst_needs_rate(self) -> RateLimitsSection:
+        if self.per_session_burst is not None and self.per_session_rps is None:
+            raise ValueError("per_session_burst needs per_session_rps (set both, or neither)")
+        return self
+
+
+class DeduplicationSection(_Section):
+    """Coalescing of identical requests in flight and the result cache (both off when enabled = false)."""
+
+    enabled: bool = True
+    window_s: PositiveFloat = 300
+    """How long a completed answer stays in the result cache."""
+    max_entries: PositiveInt = 10_000
+    """Cache size; storing one more evicts the least recently used."""
+
+
+class ObservabilitySection(_Section):
+    log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    log_format: Literal["pretty", "json"] = "pretty"
+    metrics_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """Serve Prometheus metrics on this port too (stdio mode has no other way to expose them)."""
+
+
+class DistributedSection(_Section):
+    """Reserved for sharing cache, coalescing and rate limits across processes through Redis.
+
+    Not implemented in this version: any key here is refused rather than silently ignored."""
+
+    redis_url: str | None = None
+    node_id: str | None = None
+
+    @field_validator("redis_url", "node_id")
+    @classmethod
+    def _not_implemented(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(
+                "distributed mode (cache, coalescing and limits shared through Redis) is not implemented "
+                "in this version; remove the [distributed] section to run a single process"
+            )
+        return value
+
+
+class ServerSection(_Section):
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Extra Host header values (host or host:port) accepted when binding a non-loopback interface."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    auth_token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "MCP_ORCHESTRATOR_TOKEN"
+    """Name of the environment variable holding the optional bearer token for HTTP mode."""
+
+
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1", "api.openai.com", "api.anthropic.com")
+
+
+class SecuritySection(_Section):
+    allow_configure: bool = True
+    """false: the configure_worker tool refuses every call."""
+    allowed_hosts: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS)
+    )
+    """Hosts configure_worker may point a worker's base_url at (exact names, or '*.example.com' for
+    subdomains). Replaces the default: loopback plus each provider's official API host."""
+
+
+class Config(_Section):
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    stages: StagesSection = Field(default_factory=StagesSection)
+    resilience: ResilienceSection = Field(default_factory=ResilienceSection)
+    rate_limits: RateLimitsSection = Field(default_factory=RateLimitsSection)
+    deduplication: DeduplicationSection = Field(default_factory=DeduplicationSection)
+    observability: ObservabilitySection = Field(default_factory=ObservabilitySection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    security: SecuritySection = Field(default_factory=SecuritySection)
+
+
+NO_SUCH_KEY = {
+    **{
+        f"stages.{stage}.timeout_ms": f"the {stage} stage does its work at once, so it has no timeout "
+        "(only stages.rag and stages.inference have timeout_ms; the request's deadline bounds everything)"
+        for stage in ("assemble", "post_process", "stream")
+    },
+}
+"""Keys the seeds' configs have that cannot do anything here, and why."""
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str] | None:
+    """The field names valid at `loc` (the parent of an unknown key); None when `loc` is not a table of ours."""
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        current = field.annotation
+    return list(current.model_fields)
+
+
+def config_problems(error: ValidationError) -> list[Problem]:
+    """One problem per bad key: the dotted key as written, what is wrong, what is allowed."""
+    problems = []
+    for problem in validation_problems(error, "key", lambda loc: _allowed_keys(Config, loc)):
+        if problem.key in NO_SUCH_KEY:
+            problem = Problem(problem.key, f"not a key: {NO_SUCH_KEY[problem.key]}")
+        elif problem.key.startswith("distributed."):
+            problem = Problem(problem.key, problem.message.partition(" (got ")[0])  # never echo a URL
+        problems.append(problem)
+    return problems
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(source, [Problem("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [Problem("", f"cannot read file: {exc}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [Problem("", f"invalid TOML: {exc}")]) from None
+    return config_from_mapping(raw, source)
+
+
+def config_from_mapping(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, config_problems(exc)) from None
+
+
+def with_values(config: Config, values: dict[str, Any], source: str = "command line") -> Config:
+    """A copy of `config` with dotted keys (e.g. 'stages.inference.worker') set to new values.
+    Validated like a file, so a bad value is reported with its key."""
+    data = config.model_dump()
+    for dotted, value in values.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config_from_mapping(data, source)
+
+
+def leaf_values(config: Config) -> dict[str, Any]:
+    """Every setting as dotted key -> value (lists, such as replicas, are one value)."""
+
+    def walk(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                flat.update(walk(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+
+    return walk(config.model_dump(mode="json"), "")
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    before, after = leaf_values(old), leaf_values(new)
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))

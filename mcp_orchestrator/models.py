@@ -1,0 +1,318 @@
+"""Data shapes shared by the pipeline, the workers and the MCP surface, and the limits of
+the values a user may give (one declaration each: the `infer` and `configure_worker`
+arguments and the config file all use these).
+
+Depends on nothing but pydantic, so any layer may import it.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+# ---------------------------------------------------------------------------- limits of user values
+
+MaxTokens = Annotated[int, Strict(), Field(ge=1, le=1_000_000)]
+Temperature = Annotated[float, Strict(), Field(ge=0, le=2)]
+TopP = Annotated[float, Strict(), Field(gt=0, le=1)]
+Seed = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
+StopSequence = Annotated[str, Field(min_length=1, max_length=256)]
+StopList = Annotated[list[StopSequence], Field(max_length=16)]
+MAX_STOP_SEQUENCES = 16
+
+
+class Priority(StrEnum):
+    """Scheduling class of a request; higher classes are served first."""
+
+    critical = "critical"
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for critical ... 3 for low: smaller ranks are served first."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.critical: 0, Priority.high: 1, Priority.normal: 2, Priority.low: 3}
+
+
+class StageName(StrEnum):
+    rag = "rag"
+    assemble = "assemble"
+    inference = "inference"
+    post_process = "post_process"
+    stream = "stream"
+
+
+STAGE_ORDER: tuple[StageName, ...] = tuple(StageName)
+
+
+class Outcome(IntEnum):
+    """How a request ended; exactly one per submitted request."""
+
+    completed = 1
+    failed = 2
+    shed = 3
+    cancelled = 4
+
+
+class DeadLetterReason(StrEnum):
+    queue_full = "queue_full"
+    deadline_exceeded = "deadline_exceeded"
+    stage_timeout = "stage_timeout"
+    worker_error = "worker_error"
+    internal_error = "internal_error"
+
+
+class Message(BaseModel):
+    """One chat message as the workers receive it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: str
+    content: str
+
+
+class GenerationParams(BaseModel):
+    """Everything besides the messages that can change a backend's answer (unset: the worker's own)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Usage(BaseModel):
+    """Token counts as the backend reported them (or as the worker estimated them)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    input_tokens: int = 0
+    """Tokens in the prompt the backend received (system prompt and context included)."""
+    output_tokens: int = 0
+    """Tokens generated."""
+
+
+class StageTimings(BaseModel):
+    """Milliseconds spent in each stage (queueing before it included); all 0 for an answer
+    shared from another request's trip or taken from the cache."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    rag: float = 0.0
+    assemble: float = 0.0
+    inference: float = 0.0
+    post_process: float = 0.0
+    stream: float = 0.0
+    admission: float = 0.0
+    """Time spent waiting for a rate-limit token (0 when none was needed)."""
+
+
+BreakerStateName = Literal["closed", "open", "half_open"]
+
+
+class Hop(BaseModel):
+    """One backend call that did not give the answer (a retry or a fallback step)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    worker: str
+    error: str
+    status: int | None = None
+    breaker: BreakerStateName
+    """The backend's breaker state right after this call."""
+
+
+class Provenance(BaseModel):
+    """Where an answer came from."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    worker: str
+    """The backend (breaker name) that produced the answer."""
+    attempts: int = Field(ge=0)
+    """Backend calls made for this request, failed ones included (fast-failed open breakers are not calls)."""
+    retries: int = Field(default=0, ge=0)
+    """Times the whole worker (pool or chain included) was called again after a retryable failure."""
+    fallbacks: list[Hop] = Field(default_factory=list)
+    """Every failed call or skipped backend, in order."""
+    breaker: BreakerStateName
+    """The answering backend's breaker state after the answer."""
+
+
+class InferResult(BaseModel):
+    """The structured result of one `infer` call."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    request_id: str
+    """This request's id (dead letters and logs name it too)."""
+    text: str
+    """The answer, after stop sequences and length caps (the same text as the text content)."""
+    worker: str
+    """Kind of the worker that answered (echo, llama_cpp, open_ai, pool, ...)."""
+    model: str
+    """Model that answered."""
+    usage: Usage
+    finish_reason: str | None = None
+    """Why generation ended: stop, length, or the backend's own reason."""
+    latency_ms: float
+    """Milliseconds from submission to the answer, inside the pipeline."""
+    stage_ms: StageTimings
+    coalesced: bool = False
+    """Whether the answer was shared from an identical request in flight."""
+    cached: bool = False
+    """Whether the answer came from the result cache."""
+    attempts: int = Field(default=1, ge=0)
+    """Backend calls this request made itself (0 when the answer was shared or cached)."""
+    provenance: Provenance | None = None
+    """Which backend answered, after how many calls, and which hops failed on the way."""
+
+
+class DeadLetter(BaseModel):
+    """A request that did not complete: shed by a full stage or failed for good."""
+
+    id: str
+    request_id: str
+    session_id: str | None
+    stage: StageName
+    reason: DeadLetterReason
+    error: str
+    prompt_preview: str
+    created_at: float
+
+
+class Submission(BaseModel):
+    """One `infer` call as the pipeline receives it; kept with dead letters for replay."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    session_id: str | None = None
+    priority: Priority = Priority.normal
+    system: str | None = None
+    params: GenerationParams = GenerationParams()
+    deadline_ms: int | None = None
+    dedup: bool = True
+    cache: bool = True
+
+
+# ---------------------------------------------------------------------------- status
+
+
+class StageStatus(BaseModel):
+    name: StageName
+    enabled: bool
+    """False when the config switched the stage off: requests skip it."""
+    depth: int
+    capacity: int
+    processed: int
+    shed: int
+
+
+class Totals(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    submitted: int
+    completed: int
+    failed: int
+    shed: int
+    cancelled: int
+    in_flight: int
+    coalesced: int
+    cache_hits: int
+    dead_letters: int
+    backend_calls_saved: int = 0
+    """Requests answered without a backend call of their own (coalesced + cache hits)."""
+    rate_limited: int = 0
+    """Requests refused by admission control (counted in failed too)."""
+
+
+class Percentiles(BaseModel):
+    p50: float
+    p95: float
+    p99: float
+
+
+class RateLimitStatus(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    enabled: bool
+    requests_per_second: float
+    burst_capacity: int
+    tokens_available: float | None = None
+    waiting: int = 0
+    refused: int = 0
+    """Requests refused because no token could come before their deadline."""
+    per_session_rps: float | None = None
+    per_session_burst: int | None = None
+    sessions_tracked: int = 0
+    """Sessions holding a per-session bucket (idle ones are forgotten: a full bucket is as good as new)."""
+
+
+class CacheStatus(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    enabled: bool
+    """Coalescing and the result cache are on ([deduplication] enabled) and no context source prevents sharing."""
+    entries: int
+    max_entries: int
+    window_s: float
+    hits: int
+    """Lookups that found an answer."""
+    misses: int
+    stored: int
+    """Answers put into the cache."""
+    flights: int
+    """Trips under way that identical requests may join."""
+    waiting: int
+    """Requests waiting on a trip another request started (coalesced, not answered yet)."""
+
+
+class DeadLetterStatus(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    held: int
+    capacity: int
+    dropped: int
+    """Oldest entries pushed out of the ring by newer ones."""
+
+
+class BreakerStatus(BaseModel):
+    """One backend's circuit breaker as status pages show it."""
+
+    name: str
+    state: BreakerStateName
+    consecutive_failures: int
+    successes: int
+    failures: int
+    rejected: int
+    """Calls refused without touching the backend."""
+    times_opened: int
+    retry_after_s: float
+    """Seconds until an open breaker lets probes through (0 unless open)."""
+    probes_in_flight: int
+
+
+class PipelineStatus(BaseModel):
+    stages: list[StageStatus]
+    totals: Totals
+    worker: dict[str, object]
+    rate_limit: RateLimitStatus
+    cache: CacheStatus
+    dead_letters: DeadLetterStatus
+    latency_ms: Percentiles
+    """Percentiles over the latest completed requests (cache hits and shared answers included)."""
+    tokens: Usage
+    concurrency: dict[str, int]
+    uptime_s: float
+    reconciles: bool
+    breakers: list[BreakerStatus] = Field(default_factory=list)
+    """One circuit breaker per backend (per replica inside a pool or fallback chain)."""

@@ -1,0 +1,143 @@
+"""Admission: where a submitted request goes.
+
+In this order: an answer from the cache, a trip already under way for an identical
+request, or a new trip that passes the rate limits into the stages. So only a request
+that will call the backend spends a rate-limit token or a queue slot, and a burst of
+identical calls costs one of each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+
+from mcp_orchestrator.config import DeduplicationSection, RateLimitsSection
+from mcp_orchestrator.errors import PipelineNotRunning, RateLimited
+from mcp_orchestrator.models import Message, Outcome
+from mcp_orchestrator.pipeline.coalesce import Trips, answer_key
+from mcp_orchestrator.pipeline.lease import WorkerLease
+from mcp_orchestrator.pipeline.ledger import Ledger
+from mcp_orchestrator.pipeline.limits import RateLimits
+from mcp_orchestrator.pipeline.prompt import assemble_messages
+from mcp_orchestrator.pipeline.request import Answer, Request, Trip
+from mcp_orchestrator.pipeline.stages import Stages
+from mcp_orchestrator.resilience.cache import ResultCache
+
+Spawn = Callable[[Callable[[Trip], Coroutine[Any, Any, None]], Trip], None]
+
+
+class Admission:
+    def __init__(
+        self,
+        dedup: DeduplicationSection,
+        rate_limits: RateLimitsSection,
+        limits: RateLimits,
+        *,
+        ledger: Ledger,
+        trips: Trips,
+        stages: Stages,
+        cache: ResultCache[Answer],
+        lease: WorkerLease,
+        clock: Callable[[], float],
+    ) -> None:
+        self.dedup = dedup
+        self.rate_limits = rate_limits
+        self.limits = limits
+        """All three read per request: a config reload replaces them (see Pipeline.reconfigure)."""
+        self._ledger = ledger
+        self._trips = trips
+        self._stages = stages
+        self._cache = cache
+        self._lease = lease
+        self._time = clock
+        self._spawn: Spawn | None = None
+
+    def start(self, spawn: Spawn | None) -> None:
+        """Running (waits for rate-limit tokens run as tasks through `spawn`), or stopping (None)."""
+        self._spawn = spawn
+
+    def shares_answers(self) -> bool:
+        """Coalescing and caching key on the assembled messages, known at admission only when
+        no context source can add retrieved passages to them."""
+        retrieves = self._stages.context_source is not None and self._stages.sections.rag.enabled
+        return self.dedup.enabled and not retrieves
+
+    def admit(self, request: Request, now: float) -> None:
+        submission = request.submission
+        key: str | None = None
+        messages: tuple[Message, ...] = ()
+        if (submission.cache or submission.dedup) and self.shares_answers():
+            # With no context source these are exactly the messages the assemble stage builds.
+            messages = assemble_messages(submission.prompt, submission.system, [])
+            key = self._key(messages, request)
+            if submission.cache:
+                answer = self._cache.get(key)
+                if answer is not None:
+                    self._answer_from_cache(request, answer, now)
+                    return
+            if submission.dedup:
+                trip = self._trips.flights.get(key)
+                if trip is not None:
+                    self._trips.join(trip, request)
+                    return
+        trip = self._trips.start(request, key, now, shared=submission.dedup)
+        trip.messages = messages
+        self._pass_limits(trip, now)
+
+    def _key(self, messages: tuple[Message, ...], request: Request) -> str:
+        """Unset parameters stay unset in the key: the worker fills them from its own settings,
+        which cannot change without a worker swap, and a swap changes the generation."""
+        lease = self._lease
+        worker = lease.worker
+        return answer_key(f"{worker.kind}#{lease.generation}", worker.model, messages, request.submission.params)
+
+    def _answer_from_cache(self, request: Request, answer: Answer, now: float) -> None:
+        """A cache hit skips every stage: the cached text was post-processed with the same stop
+        sequences (they are in the key) and no context source is active."""
+        request.cached = True
+        if request.on_chunk is not None and answer.text:
+            request.on_chunk(answer.text)
+        self._ledger.end(request, Outcome.completed, now, answer=answer)
+
+    def _pass_limits(self, trip: Trip, now: float) -> None:
+        """Pass the rate limits (now, or by waiting for tokens) and enter the stages."""
+        budget = trip.deadline - now - self.rate_limits.min_remaining_ms / 1000
+        try:
+            admitted = self.limits.admit_now(trip.rank, trip.submission.session_id, budget)
+        except RateLimited as exc:
+            self._trips.refuse(trip, exc)
+            return
+        if admitted:
+            self._stages.enter(trip, now)
+        elif self._spawn is None:  # shutting down: nothing will admit it
+            self._trips.refuse(trip, PipelineNotRunning())
+        else:
+            self._spawn(self._wait_for_tokens, trip)
+
+    async def _wait_for_tokens(self, trip: Trip) -> None:
+        """Wait for rate-limit tokens in the pipeline's task group, not a caller's task: the trip
+        keeps its place in line while any of its waiters is still there."""
+        limits = self.limits  # a reload replaces the limits; a wait begun finishes on these
+        with anyio.CancelScope() as scope:  # trip.stop() cancels it: nobody waits any more
+            trip.scope = scope
+            try:
+                while True:
+                    deadline = trip.deadline
+                    budget = deadline - self._time() - self.rate_limits.min_remaining_ms / 1000
+                    try:
+                        await limits.admit(trip.rank, trip.submission.session_id, budget)
+                        break
+                    except RateLimited as exc:
+                        if trip.deadline > deadline:
+                            continue  # a waiter with more time joined meanwhile: try again for it
+                        self._trips.refuse(trip, exc)
+                        return
+            finally:
+                trip.scope = None
+        if scope.cancelled_caught or trip.stopped:
+            return
+        now = self._time()
+        trip.stage_ms["admission"] = (now - trip.entered_at) * 1000
+        self._stages.enter(trip, now)

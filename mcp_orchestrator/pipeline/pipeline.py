@@ -1,0 +1,318 @@
+"""The pipeline: one task group, five stages, bounded queues between them.
+
+A request's life, each step in one place:
+
+    submit -> ledger.open                                  (ledger.py)
+           -> admission: cache | join a trip | new trip    (admission.py, coalesce.py)
+           -> rate limits -> stages -> inference -> stages (stages.py, dispatch.py)
+           -> trip ends -> every waiter ends               (coalesce.py)
+    its caller leaves (cancelled, deadline) -> it ends     (here, in `wait`)
+
+and every end goes through `Ledger.end`, exactly once per request, so the counters
+always reconcile. The pipeline knows nothing of MCP: a tool handler, a REST route or a
+plain library call can drive it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from prometheus_client.core import Metric
+
+from mcp_orchestrator.config import Config
+from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning
+from mcp_orchestrator.metrics import Metrics
+from mcp_orchestrator.models import InferResult, Outcome, PipelineStatus, StageTimings, Submission, Usage
+from mcp_orchestrator.pipeline.admission import Admission
+from mcp_orchestrator.pipeline.breakers import Breakers
+from mcp_orchestrator.pipeline.coalesce import TripHooks, Trips
+from mcp_orchestrator.pipeline.context import ContextSource
+from mcp_orchestrator.pipeline.dead_letters import DeadLetterQueue
+from mcp_orchestrator.pipeline.dispatch import Dispatch
+from mcp_orchestrator.pipeline.lease import WorkerLease, close_quietly
+from mcp_orchestrator.pipeline.ledger import Ledger
+from mcp_orchestrator.pipeline.limits import RateLimits
+from mcp_orchestrator.pipeline.request import Answer, ChunkSink, Request, Trip
+from mcp_orchestrator.pipeline.stages import LIGHT_STAGES, Stages
+from mcp_orchestrator.pipeline.status import live_metrics, pipeline_status
+from mcp_orchestrator.resilience.cache import ResultCache
+from mcp_orchestrator.resilience.retry import AnyioClock, Clock, loop_clock
+from mcp_orchestrator.workers.base import Worker
+
+RESTART_KEYS = (
+    "stages.rag.channel_capacity",
+    "stages.assemble.channel_capacity",
+    "stages.post_process.channel_capacity",
+    "stages.stream.channel_capacity",
+    "stages.inference.concurrency",
+    "deduplication.window_s",
+    "deduplication.max_entries",
+)
+"""Settings the pipeline fixes when it starts: memory streams are sized once, the inference
+tasks are started once, and the result cache is sized once."""
+
+LIVE_KEYS = (
+    "pipeline.default_deadline_ms",
+    "pipeline.dead_letter_capacity",
+    "pipeline.priority_aging_ms",
+    "stages.rag.enabled",
+    "stages.rag.timeout_ms",
+    "stages.rag.max_context_tokens",
+    "stages.rag.source",
+    "stages.post_process.*",
+    "stages.inference.channel_capacity",
+    "stages.inference.timeout_ms",
+    "stages.*.enabled",
+    "resilience.*",
+    "rate_limits.*",
+    "deduplication.enabled",
+)
+"""Settings the pipeline applies at once on `reconfigure` (read per request, or pushed into
+the part that holds them)."""
+
+
+def matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        worker: Worker,
+        *,
+        context_source: ContextSource | None = None,
+        metrics: Metrics | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or AnyioClock()
+        """Time for retry waits, breakers and the cache (injectable, so tests need not sleep)."""
+        self.metrics = metrics or Metrics()
+        self._time: Callable[[], float] = anyio.current_time
+        """The event loop's clock (cancel scopes and deadlines use it); a cheaper reader once running."""
+        now = self.clock.now
+        dedup = config.deduplication
+        self.dead_letters = DeadLetterQueue(config.pipeline.dead_letter_capacity)
+        self.cache: ResultCache[Answer] = ResultCache(dedup.max_entries, dedup.window_s, clock=now)
+        self.breakers = Breakers(config.resilience.breaker_settings(), self.clock, self.metrics)
+        self.lease = WorkerLease(worker, self.breakers, self.metrics)
+        self.trips: Trips
+        self.ledger = Ledger(self.metrics, left=lambda request: self.trips.left(request))
+        self.trips = Trips(self.ledger, self.dead_letters, self.cache, self.metrics, self._loop_time)
+        aging_s = config.pipeline.priority_aging_ms / 1000
+        self.stages = Stages(
+            config.stages,
+            self.trips,
+            self.metrics,
+            aging_s=aging_s,
+            deadline_ms=self._deadline_ms,
+            clock=self._loop_time,
+            now=now,
+        )
+        self.stages.context_source = context_source
+        self.trips.hooks = TripHooks(self.stages.discard, self.stages.promote)
+        self.dispatch = Dispatch(
+            config.stages.inference,
+            config.resilience,
+            self.stages,
+            self.lease,
+            clock=self.clock,
+            metrics=self.metrics,
+            deadline_ms=self._deadline_ms,
+        )
+        self.admission = Admission(
+            dedup,
+            config.rate_limits,
+            RateLimits(config.rate_limits, aging_s=aging_s, clock=now),
+            ledger=self.ledger,
+            trips=self.trips,
+            stages=self.stages,
+            cache=self.cache,
+            lease=self.lease,
+            clock=self._loop_time,
+        )
+        self.concurrency = config.stages.inference.concurrency
+        self.started_at: float | None = None
+        self._task_group: TaskGroup | None = None
+        self.metrics.add_live_gauges(self._live_metrics)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._task_group is not None
+
+    @property
+    def worker(self) -> Worker:
+        return self.lease.worker
+
+    @property
+    def context_source(self) -> ContextSource | None:
+        return self.stages.context_source
+
+    async def __aenter__(self) -> Pipeline:
+        self._exit_stack = self._run()
+        await self._exit_stack.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._exit_stack.__aexit__(*exc_info)
+
+    @asynccontextmanager
+    async def _run(self) -> AsyncIterator[None]:
+        self.stages.open()
+        self._time = self.dispatch.loop_time = loop_clock()
+        self.started_at = self._time()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                self.admission.start(self._spawn)
+                self.lease.start(self._close_later)
+                for stage in LIGHT_STAGES:
+                    await tg.start(self.stages.run, stage, name=f"stage:{stage.value}")
+                for index in range(self.concurrency):
+                    tg.start_soon(self.dispatch.run, name=f"stage:inference:{index}")
+                try:
+                    yield
+                finally:
+                    self._task_group = None
+                    self.admission.start(None)
+                    tg.cancel_scope.cancel()
+        finally:
+            self.trips.abandon_all(PipelineNotRunning())
+            self.stages.close()
+            await self.lease.aclose()
+
+    def _close_later(self, worker: Worker) -> None:
+        if self._task_group is not None:
+            self._task_group.start_soon(close_quietly, worker)
+
+    def _spawn(self, work: Callable[[Trip], Coroutine[Any, Any, None]], trip: Trip) -> None:
+        if self._task_group is not None:
+            self._task_group.start_soon(work, trip)
+
+    # ------------------------------------------------------------------ a caller's side
+
+    async def infer(self, submission: Submission, on_chunk: ChunkSink | None = None) -> InferResult:
+        """Run one request through every stage and return its result (or raise why not)."""
+        return await self.wait(self.submit(submission, on_chunk))
+
+    def submit(self, submission: Submission, on_chunk: ChunkSink | None = None) -> Request:
+        """Start a request; `wait` for its result. Raises PipelineNotRunning when stopped."""
+        if self._task_group is None:
+            raise PipelineNotRunning()
+        now = self._time()
+        deadline_ms = submission.deadline_ms or self.config.pipeline.default_deadline_ms
+        request = self.ledger.open(submission, now, now + deadline_ms / 1000, on_chunk)
+        self.admission.admit(request, now)
+        return request
+
+    async def wait(self, request: Request) -> InferResult:
+        """The request's result, or its error raised. Leaving early (cancellation) or past the
+        request's deadline ends it: the others waiting on its trip are not affected."""
+        if not request.done.is_set():  # an answer already there needs no deadline timer
+            try:
+                with anyio.CancelScope(deadline=request.deadline):
+                    await request.done.wait()
+            except anyio.get_cancelled_exc_class():
+                self.ledger.end(request, Outcome.cancelled, self._time())
+                raise
+            if request.outcome is None:
+                deadline_ms = request.submission.deadline_ms or self.config.pipeline.default_deadline_ms
+                self.trips.expire(request, DeadlineExceeded(deadline_ms, request.where.value))
+        if request.outcome is Outcome.completed:
+            return self._result(request)
+        assert request.error is not None
+        raise request.error
+
+    def _result(self, request: Request) -> InferResult:
+        answer = request.answer
+        assert answer is not None
+        timings = request.stage_ms or {}
+        return InferResult(
+            request_id=request.id,
+            text=answer.text,
+            worker=answer.worker,
+            model=answer.model,
+            usage=answer.usage or Usage(),
+            finish_reason=answer.finish_reason,
+            latency_ms=round((request.ended_at - request.submitted_at) * 1000, 3),
+            stage_ms=StageTimings(**{stage: round(ms, 3) for stage, ms in timings.items()}),
+            attempts=request.attempts,
+            provenance=answer.provenance,
+            coalesced=request.coalesced,
+            cached=request.cached,
+        )
+
+    # ------------------------------------------------------------------ changing it while it runs
+
+    async def swap_worker(self, worker: Worker) -> Worker:
+        """Make `worker` serve new requests; requests already running finish on the old one.
+        The new worker is health-checked first; if that fails, nothing changes."""
+        return await self.lease.swap(worker, on_swapped=self.cache.clear)
+
+    @staticmethod
+    def needs_restart(key: str) -> bool | None:
+        """True for a setting the pipeline fixes at start, False for one it applies live,
+        None for one it does not hold."""
+        if matches(key, RESTART_KEYS):
+            return True
+        if matches(key, LIVE_KEYS):
+            return False
+        return None
+
+    def reconfigure(self, config: Config, context_source: ContextSource | None) -> None:
+        """Apply `config`'s live settings to the running parts (RESTART_KEYS must hold their
+        running values in it: the caller reverted them). Nothing here can fail."""
+        old = self.config
+        self.config = config
+        aging_s = config.pipeline.priority_aging_ms / 1000
+        self.dead_letters.capacity = config.pipeline.dead_letter_capacity
+        self.stages.sections = config.stages
+        self.stages.context_source = context_source
+        self.stages.inference.capacity = config.stages.inference.channel_capacity
+        if self.stages.inference.aging_s != aging_s:
+            self.stages.inference.aging_s = aging_s
+        self.dispatch.reconfigure(config.stages.inference, config.resilience)
+        if config.resilience != old.resilience:
+            self.breakers.update(config.resilience.breaker_settings())
+        admission = self.admission
+        admission.dedup, admission.rate_limits = config.deduplication, config.rate_limits
+        if config.rate_limits != old.rate_limits or aging_s != old.pipeline.priority_aging_ms / 1000:
+            admission.limits = admission.limits.replaced(config.rate_limits, aging_s)
+        if config.stages.rag != old.stages.rag or config.stages.post_process != old.stages.post_process:
+            self.cache.clear()  # cached answers were made with the old retrieval or post-processing
+        if not admission.shares_answers():
+            self.cache.clear()
+
+    # ------------------------------------------------------------------ reading the state
+
+    def clock_advanced(self) -> None:
+        """Tell requests waiting for a rate-limit token to look at their bucket again (only a
+        fake clock that jumps, in tests, needs this; the real clock wakes them on time)."""
+        self.admission.limits.clock_advanced()
+
+    def status(self) -> PipelineStatus:
+        return pipeline_status(self)
+
+    def reconciles(self) -> bool:
+        """The conservation law: submitted == completed + failed + shed + cancelled + in flight."""
+        return self.ledger.reconciles()
+
+    def uptime_s(self) -> float:
+        return 0.0 if self.started_at is None else round(self._time() - self.started_at, 3)
+
+    def _deadline_ms(self, trip: Trip) -> float:
+        return trip.submission.deadline_ms or self.config.pipeline.default_deadline_ms
+
+    def _loop_time(self) -> float:
+        return self._time()
+
+    def _live_metrics(self) -> Iterable[Metric]:
+        return live_metrics(self)

@@ -1,0 +1,113 @@
+"""Streamable HTTP: the MCP endpoint at /mcp plus /healthz and /metrics, behind one guard.
+
+The guard checks Host/Origin on every path (DNS-rebinding protection stays on for
+any bind address) and, when a bearer token is configured, the Authorization header.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mcp_orchestrator.errors import BindError
+from mcp_orchestrator.orchestrator import Orchestrator
+
+MCP_PATH = "/mcp"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def security_settings(host: str, extra_hosts: list[str], extra_origins: list[str]) -> TransportSecuritySettings:
+    """Allowed Host/Origin values: loopback always, plus what the user listed.
+
+    Binding a non-loopback interface without listing the names clients will use is
+    refused: protection would otherwise reject every remote client or be switched off.
+    """
+    if not is_loopback(host) and not extra_hosts:
+        raise BindError(
+            f"--host {host} is not a loopback address: list the host names clients will use with "
+            "--allowed-host NAME (repeatable), e.g. --allowed-host myserver.lan:8000"
+        )
+    hosts = [f"{name}:*" for name in LOOPBACK_NAMES] + list(LOOPBACK_NAMES)
+    origins = [f"http://{name}:*" for name in LOOPBACK_NAMES] + [f"http://{name}" for name in LOOPBACK_NAMES]
+    for name in extra_hosts:
+        hosts.append(name)
+        if ":" not in name.strip("[]").split("]")[-1]:
+            hosts.append(f"{name}:*")
+            origins += [f"http://{name}:*", f"https://{name}:*", f"http://{name}", f"https://{name}"]
+        else:
+            origins += [f"http://{name}", f"https://{name}"]
+    origins += extra_origins
+    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+
+
+class Guard:
+    """ASGI middleware: Host/Origin validation and the optional bearer token, on every path."""
+
+    def __init__(self, app: ASGIApp, settings: TransportSecuritySettings, token: str | None) -> None:
+        self.app = app
+        self.checker = TransportSecurityMiddleware(settings)
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        refusal = await self.checker.validate_request(request, is_post=False)
+        if refusal is None and self.expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, self.expected):
+                refusal = JSONResponse(
+                    {"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def build_http_app(
+    orchestrator: Orchestrator,
+    host: str,
+    allowed_hosts: list[str],
+    allowed_origins: list[str],
+    token: str | None,
+) -> ASGIApp:
+    server = orchestrator.server
+    settings = security_settings(host, allowed_hosts, allowed_origins)
+
+    @server.custom_route("/healthz", methods=["GET"])  # type: ignore[untyped-decorator]
+    async def healthz(request: Request) -> Response:
+        pipeline = orchestrator.pipeline
+        body = {
+            "status": "ok" if pipeline.running else "stopped",
+            "worker": pipeline.worker.describe(),
+            "in_flight": len(pipeline.ledger.live),
+            "uptime_s": pipeline.uptime_s(),
+        }
+        return JSONResponse(body, status_code=200 if pipeline.running else 503)
+
+    @server.custom_route("/metrics", methods=["GET"])  # type: ignore[untyped-decorator]
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(orchestrator.pipeline.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    app: Starlette = server.streamable_http_app(
+        streamable_http_path=MCP_PATH, transport_security=settings, host=host, json_response=False
+    )
+    return Guard(app, settings, token)

@@ -1,0 +1,303 @@
+"""The MCP surface: the tools, their arguments, and how results and errors are shaped.
+
+Tools validate their arguments (pydantic constraints in the signatures; argument errors
+are shaped in arguments.py), call the orchestrator and shape its answers. Every error the
+orchestrator raises on purpose becomes a tool error here, in `_tool`, and nowhere else:
+argument problems as `Invalid arguments for TOOL: ...`, everything else with its own
+message (the SDK puts `Error executing tool TOOL: ` in front).
+
+Deliberately no `from __future__ import annotations`: the SDK evaluates the tool
+signatures, whose constraints use values from the config.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import AfterValidator, BaseModel, Field, GetJsonSchemaHandler, Strict
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+
+from mcp_orchestrator import __version__
+from mcp_orchestrator.errors import ConfigError, OrchestratorError, Problem, WorkerError, WorkerSpecError
+from mcp_orchestrator.models import (
+    DeadLetter,
+    DeadLetterReason,
+    GenerationParams,
+    InferResult,
+    MaxTokens,
+    PipelineStatus,
+    Priority,
+    Seed,
+    StopList,
+    Submission,
+    Temperature,
+    TopP,
+)
+from mcp_orchestrator.server.arguments import ArgumentCheck, ExtraCheck, invalid_arguments
+from mcp_orchestrator.server.progress import with_progress
+from mcp_orchestrator.server.schema import flat_json_schema
+from mcp_orchestrator.workers.options import CONFIG_ONLY, WorkerOptions
+from mcp_orchestrator.workers.registry import BuildContext, parse_options, summaries
+
+if TYPE_CHECKING:
+    from mcp_orchestrator.orchestrator import Orchestrator
+
+_Tool = TypeVar("_Tool", bound=Callable[..., Any])
+
+INSTRUCTIONS = (
+    "Runs prompts through a production LLM pipeline (RAG -> assemble -> inference -> "
+    "post-process -> stream) with load shedding, deadlines and priorities. Use `infer` to "
+    "get an answer, `pipeline_status` to see load and health, `dead_letters` and "
+    "`replay_dead_letter` for requests that were shed or failed, `configure_worker` to "
+    "switch the model backend."
+)
+MAX_SESSION_ID = 256
+
+
+def _non_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must contain some non-whitespace text")
+    return value
+
+
+NonBlank = AfterValidator(_non_blank)
+
+
+class InferOutput(InferResult):
+    """InferResult as `infer` and `replay_dead_letter` publish it: the same fields, with the flat
+    output schema of `flat_json_schema` (cheap for clients to validate every result against)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return flat_json_schema(InferResult)
+
+
+class DeadLetterList(BaseModel):
+    entries: list[DeadLetter]
+    total: int
+    """How many dead letters the queue holds now (before filtering)."""
+    capacity: int
+
+
+class WorkerDescription(BaseModel):
+    kind: str
+    model: str
+    previous: dict[str, Any]
+    settings: dict[str, Any]
+
+
+def _answer(result: InferResult) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=result.text)], structured_content=result.model_dump(mode="json")
+    )
+
+
+def build_server(orchestrator: "Orchestrator") -> MCPServer:
+    config = orchestrator.config
+    max_prompt = config.pipeline.max_prompt_chars
+    max_deadline = config.pipeline.max_deadline_ms
+    server = MCPServer(
+        name=config.pipeline.name,
+        version=config.pipeline.version or __version__,
+        description=config.pipeline.description,
+        instructions=INSTRUCTIONS,
+        log_level=config.observability.log_level.upper(),  # type: ignore[arg-type]
+    )
+    arguments = ArgumentCheck()
+
+    def tool(extra: ExtraCheck | None = None, **options: Any) -> Callable[[_Tool], _Tool]:
+        """Register a tool: its docstring (dedented) is the description, its signature the
+        input schema, and every OrchestratorError it raises becomes a tool error here."""
+
+        def register(function: _Tool) -> _Tool:
+            name = function.__name__
+
+            @functools.wraps(function)
+            async def run(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await function(*args, **kwargs)
+                except ConfigError as exc:  # bad option values: an argument error like any other
+                    return invalid_arguments(name, exc.problems)
+                except OrchestratorError as exc:
+                    raise ToolError(str(exc)) from None
+
+            server.tool(description=inspect.cleandoc(function.__doc__ or ""), **options)(run)
+            arguments.add(name, function, extra)
+            return function
+
+        return register
+
+    @tool(
+        title="Run a prompt through the LLM pipeline",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True
+        ),
+    )
+    async def infer(
+        ctx: Context,
+        prompt: Annotated[str, Field(min_length=1, max_length=max_prompt, description="The user prompt."), NonBlank],
+        session_id: Annotated[
+            str | None,
+            Field(
+                min_length=1,
+                max_length=MAX_SESSION_ID,
+                description="Groups requests for rate limits and replica affinity.",
+            ),
+            NonBlank,
+        ] = None,
+        priority: Annotated[
+            Priority, Field(description="Scheduling class: critical, high, normal or low.")
+        ] = Priority.normal,
+        system: Annotated[str | None, Field(max_length=max_prompt, description="System prompt."), NonBlank] = None,
+        max_tokens: Annotated[MaxTokens | None, Field(description="Cap on generated tokens.")] = None,
+        temperature: Annotated[Temperature | None, Field(description="Sampling temperature, 0 to 2.")] = None,
+        top_p: Annotated[TopP | None, Field(description="Nucleus sampling, (0, 1].")] = None,
+        seed: Annotated[Seed | None, Field(description="Sampling seed, for repeatable answers.")] = None,
+        stop: Annotated[StopList | None, Field(description="Stop sequences (at most 16).")] = None,
+        deadline_ms: Annotated[
+            int | None,
+            Strict(),
+            Field(ge=1, le=max_deadline, description="Give up after this many milliseconds (default from config)."),
+        ] = None,
+        dedup: Annotated[
+            bool, Strict(), Field(description="Share the answer of an identical request in flight.")
+        ] = True,
+        cache: Annotated[bool, Strict(), Field(description="Answer from (and store into) the result cache.")] = True,
+    ) -> Annotated[CallToolResult, InferOutput]:
+        """Run a prompt through the pipeline on the configured worker and return the answer.
+
+        The text content is the answer; the structured result adds request id, worker,
+        model, token usage, latency per stage, the cached/coalesced flags and provenance
+        (the backend that answered, calls made, failed hops, its breaker state). Chunks are
+        sent as progress notifications while they arrive; once one has been sent, a broken
+        stream fails instead of being retried (a retry would repeat the text).
+        """
+        submission = Submission(
+            prompt=prompt,
+            session_id=session_id,
+            priority=priority,
+            system=system,
+            params=GenerationParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop or ()), seed=seed
+            ),
+            deadline_ms=deadline_ms,
+            dedup=dedup,
+            cache=cache,
+        )
+        return _answer(await with_progress(ctx, lambda on_chunk: orchestrator.infer(submission, on_chunk)))
+
+    @tool(
+        title="Pipeline status",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    async def pipeline_status() -> PipelineStatus:
+        """Live figures: queue depth and capacity per stage, totals (submitted, completed, failed,
+        shed, cancelled, in flight, coalesced, cache hits), the worker, rate limits, the result
+        cache, dead letters, latency percentiles, uptime, and the circuit breaker of each backend
+        (state, failures, calls refused, seconds until it lets probes through)."""
+        return orchestrator.status()
+
+    @tool(
+        title="List dead letters",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    async def dead_letters(
+        limit: Annotated[
+            int, Strict(), Field(ge=1, le=1000, description="At most this many entries, newest first.")
+        ] = 50,
+        reason: Annotated[
+            DeadLetterReason | None,
+            Field(description=f"Only this reason: {', '.join(DeadLetterReason)}."),
+        ] = None,
+        session_id: Annotated[
+            str | None, Field(min_length=1, max_length=MAX_SESSION_ID, description="Only this session's.")
+        ] = None,
+    ) -> DeadLetterList:
+        """Requests that were shed by a full stage or failed, newest first."""
+        queue = orchestrator.pipeline.dead_letters
+        return DeadLetterList(
+            entries=queue.list(limit, reason=reason, session_id=session_id), total=len(queue), capacity=queue.capacity
+        )
+
+    @tool(
+        title="Replay a dead letter",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+        ),
+    )
+    async def replay_dead_letter(
+        ctx: Context,
+        id: Annotated[str, Field(min_length=1, max_length=64, description="A dead letter id such as dl-12.")],
+    ) -> Annotated[CallToolResult, InferOutput]:
+        """Submit a dead letter's original request again and return its result."""
+        entry = orchestrator.pipeline.dead_letters.get(id)
+        if entry is None:
+            raise ToolError(f"id: no dead letter {id!r} (it may have been dropped; list them with dead_letters)")
+        submission = entry.submission
+        return _answer(await with_progress(ctx, lambda on_chunk: orchestrator.infer(submission, on_chunk)))
+
+    async def configure_worker(kind: str, **options: Any) -> WorkerDescription:
+        if not orchestrator.config.security.allow_configure:  # read per call: a config reload may change it
+            raise ToolError("configure_worker is disabled by [security] allow_configure = false")
+        try:
+            worker, previous = await orchestrator.configure_worker(kind, options)
+        except (WorkerError, TimeoutError) as exc:
+            raise ToolError(f"kind: the new {kind} worker failed its health check, old worker kept: {exc}") from None
+        return WorkerDescription(
+            kind=worker.kind, model=worker.model, previous=previous.describe(), settings=worker.describe()
+        )
+
+    configure_worker.__signature__ = _configure_worker_signature()  # type: ignore[attr-defined]
+    configure_worker.__doc__ = """Switch the inference backend atomically: requests in flight finish on the old worker,
+        new ones go to the new worker. The new worker is health-checked first; on any error
+        nothing changes. Parameters given here are the worker's defaults: a call's own
+        max_tokens/temperature/... override them, and they override the config's.
+        API keys come from the server's environment only (never from this tool)."""
+    tool(
+        _worker_option_problems,
+        title="Configure the inference worker",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
+        ),
+    )(configure_worker)
+
+    server.middleware.append(arguments)
+    return server
+
+
+def _worker_option_problems(arguments: dict[str, Any]) -> list[Problem]:
+    """Which options the chosen worker kind takes (checked with the other argument problems)."""
+    kind = arguments.get("kind")
+    if not isinstance(kind, str):
+        return []
+    options = {name: value for name, value in arguments.items() if name != "kind"}
+    try:
+        parse_options(kind, options, BuildContext(trusted=False))
+    except WorkerSpecError as exc:
+        return list(exc.problems)
+    return []
+
+
+def _configure_worker_signature() -> inspect.Signature:
+    """`kind` plus every worker option a tool call may set, from their one declaration
+    (workers/options.py): names, types, limits and descriptions."""
+    kinds = "; ".join(f"{name}: {summary}" for name, summary in summaries().items())
+    parameters = [
+        inspect.Parameter(
+            "kind",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[str, Field(min_length=1, max_length=64, description=f"Worker kind. {kinds}.")],
+        )
+    ]
+    for name, field in WorkerOptions.model_fields.items():
+        if name in CONFIG_ONLY:
+            continue
+        metadata = (Field(description=field.description), *field.metadata)
+        annotation = Annotated.__class_getitem__((field.annotation, *metadata))  # type: ignore[attr-defined]
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None))
+    return inspect.Signature(parameters, return_annotation=WorkerDescription)

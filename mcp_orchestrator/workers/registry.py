@@ -1,0 +1,315 @@
+"""Worker kinds by name, and the one way to build a worker from options.
+
+`configure_worker`, `--worker` and `[stages.inference]` all build workers through
+`build_worker`, so every entry point gets the same validation and the same errors. The
+options themselves are declared once in options.py; a kind takes the subset listed in
+`KIND_OPTIONS`. Pools and fallback chains take their members as lists of option tables,
+each with its own `kind`, validated by the same rules (errors say which member is wrong).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx2
+from pydantic import ValidationError
+
+from mcp_orchestrator.errors import Problem, WorkerSpecError, validation_problems
+from mcp_orchestrator.models import GenerationParams
+from mcp_orchestrator.security import host_allowed
+from mcp_orchestrator.workers import anthropic, llama_cpp, openai, vllm
+from mcp_orchestrator.workers.base import Worker, layer_params
+from mcp_orchestrator.workers.echo import EchoWorker
+from mcp_orchestrator.workers.fallback import FallbackWorker
+from mcp_orchestrator.workers.http_worker import HttpWorker
+from mcp_orchestrator.workers.keys import host_of, resolve_key
+from mcp_orchestrator.workers.options import CONFIG_ONLY, KIND_OPTIONS, HttpSettings, WorkerOptions
+from mcp_orchestrator.workers.pool import PoolWorker
+from mcp_orchestrator.workers.transport import BackgroundReads
+
+MAX_DEPTH = 3
+"""Composites may nest (a pool of fallback chains), this deep at most."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuildContext:
+    """What a worker gets besides its options.
+
+    `trusted` is true when the options come from the operator (config file, command
+    line, library code) and false when they come from a tool call: then config-only
+    options are refused and API keys go only to trusted hosts (see keys.py).
+    """
+
+    http: httpx2.AsyncClient | None = None
+    http_settings: HttpSettings | None = None
+    background_reads: BackgroundReads | None = None
+    """Where streamed responses are read to their end after the answer (see transport.py)."""
+    base: GenerationParams = field(default_factory=GenerationParams)
+    """The config's [stages.inference] parameters: under the worker's own, over the backend's."""
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    trusted: bool = True
+    key_hosts: frozenset[str] = frozenset()
+    """Hosts the operator configured: they may receive the API key even from a tool call's worker."""
+    allowed_hosts: tuple[str, ...] | None = None
+    """Host names a tool call's base_url may point at (exact, or '*.example.com'); None: any."""
+    depth: int = 0
+
+
+Builder = Callable[[WorkerOptions, BuildContext], Worker]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerKind:
+    name: str
+    build: Builder
+    summary: str
+
+    @property
+    def options(self) -> frozenset[str]:
+        return KIND_OPTIONS[self.name]
+
+
+_KINDS: dict[str, WorkerKind] = {}
+
+
+def register(kind: WorkerKind) -> None:
+    _KINDS[kind.name] = kind
+
+
+def kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def summaries() -> dict[str, str]:
+    """Each kind and what it is, for descriptions and --help."""
+    return {name: _KINDS[name].summary for name in kinds()}
+
+
+def parse_options(kind: str, options: Mapping[str, Any], context: BuildContext | None = None) -> WorkerOptions:
+    """Validate `options` for `kind` (None values count as unset); WorkerSpecError names every problem."""
+    context = context or BuildContext()
+    entry = _KINDS.get(kind)
+    if entry is None:
+        raise WorkerSpecError([Problem("kind", f"unknown worker kind {kind!r}; allowed: {', '.join(kinds())}")])
+    given = {name: value for name, value in options.items() if value is not None}
+    problems = [
+        Problem(name, f"not an option of worker kind {kind!r} (its options: {', '.join(sorted(entry.options))})")
+        for name in given
+        if name not in entry.options
+    ]
+    if not context.trusted:
+        problems += [
+            Problem(name, "can only be set in the config file, not by a tool call")
+            for name in sorted(set(given) & CONFIG_ONLY)
+        ]
+    try:
+        parsed = WorkerOptions.model_validate({name: value for name, value in given.items() if name in entry.options})
+    except ValidationError as exc:
+        problems += validation_problems(exc, "option")
+    if problems:
+        raise WorkerSpecError(problems)
+    return parsed
+
+
+def build_worker(kind: str, options: Mapping[str, Any], context: BuildContext | None = None) -> Worker:
+    context = context or BuildContext()
+    parsed = parse_options(kind, options, context)
+    return _KINDS[kind].build(parsed, context)
+
+
+def build_members(name: str, tables: list[dict[str, Any]], context: BuildContext) -> list[Worker]:
+    """Every member of a composite, or one error naming the problems of all of them."""
+    if context.depth >= MAX_DEPTH:
+        raise WorkerSpecError([Problem(name, f"composites nest at most {MAX_DEPTH} deep")])
+    inner = replace(context, depth=context.depth + 1)
+    members: list[Worker] = []
+    problems: list[Problem] = []
+    for index, table in enumerate(tables):
+        options = dict(table)
+        kind = options.pop("kind", None)
+        position = f"{name}.{index}."
+        if not isinstance(kind, str):
+            problems.append(Problem(f"{position}kind", f"required, one of {', '.join(kinds())}"))
+            continue
+        try:
+            members.append(build_worker(kind, options, inner))
+        except WorkerSpecError as exc:
+            problems += [problem.under(position) for problem in exc.problems]
+    if problems:
+        raise WorkerSpecError(problems)
+    return members
+
+
+# ------------------------------------------------------------------ the kinds
+
+
+def _build_echo(options: WorkerOptions, context: BuildContext) -> Worker:
+    defaults = layer_params(GenerationParams(max_tokens=options.max_tokens), context.base)
+    return EchoWorker(options.model or "echo", options.delay_ms or 0, options.chunk_delay_ms or 0, defaults=defaults)
+
+
+def _params(options: WorkerOptions) -> GenerationParams:
+    return GenerationParams(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        stop=tuple(options.stop or ()),
+        seed=options.seed,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Provider:
+    """Where an HTTP kind lives by default and where its key comes from."""
+
+    worker: type[HttpWorker]
+    url_env: str
+    default_url: str
+    key_env: str
+    key_required_on: frozenset[str]
+    """Hosts that refuse requests without a key (the provider's own API)."""
+    normalize: Callable[[str], str] = lambda url: url.rstrip("/")
+
+
+def _http_builder(provider: _Provider) -> Builder:
+    def build(options: WorkerOptions, context: BuildContext) -> Worker:
+        if options.base_url is not None and context.allowed_hosts is not None:
+            _check_host_allowed(options.base_url, context.allowed_hosts)
+        env_url = context.env.get(provider.url_env) or None
+        base_url = provider.normalize(options.base_url or env_url or provider.default_url)
+        trusted_hosts = {host_of(provider.default_url), *context.key_hosts}
+        if env_url:
+            trusted_hosts.add(host_of(env_url))
+        key = resolve_key(
+            options.api_key_env or provider.key_env,
+            context.env,
+            base_url,
+            trusted_hosts=trusted_hosts,
+            operator_configured=context.trusted,
+            required=host_of(base_url) in provider.key_required_on,
+        )
+        return provider.worker(
+            base_url,
+            model=options.model,
+            api_key=key,
+            defaults=layer_params(_params(options), context.base),
+            system=options.system,
+            stream=options.stream is not False,
+            client=context.http,
+            http_settings=context.http_settings,
+            background_reads=context.background_reads,
+        )
+
+    return build
+
+
+def _check_host_allowed(url: str, allowed: tuple[str, ...]) -> None:
+    """Refuse a tool call's base_url outside [security] allowed_hosts (no requests to arbitrary hosts)."""
+    host = urlsplit(url).hostname or ""
+    if host_allowed(host, allowed):
+        return
+    raise WorkerSpecError(
+        [
+            Problem(
+                "base_url",
+                f"host {host!r} is not allowed for configure_worker (allowed: {', '.join(allowed) or 'none'}; "
+                "the operator can extend [security] allowed_hosts)",
+            )
+        ]
+    )
+
+
+def _build_pool(options: WorkerOptions, context: BuildContext) -> Worker:
+    replicas = build_members("replicas", options.replicas or [], context)
+    return PoolWorker(replicas, options.strategy or "round_robin", options.virtual_nodes or 64)
+
+
+def _build_fallback(options: WorkerOptions, context: BuildContext) -> Worker:
+    return FallbackWorker(build_members("members", options.members or [], context))
+
+
+def _require(name: str, option: str, builder: Builder) -> Builder:
+    """A composite's member list is required: say so under the option's own name."""
+
+    def build(options: WorkerOptions, context: BuildContext) -> Worker:
+        if not getattr(options, option):
+            raise WorkerSpecError([Problem(option, f"required for worker kind {name!r} (a list of tables)")])
+        return builder(options, context)
+
+    return build
+
+
+register(WorkerKind("echo", _build_echo, "returns the prompt word by word; delay_ms simulates latency"))
+register(
+    WorkerKind(
+        "open_ai",
+        _http_builder(
+            _Provider(
+                openai.OpenAIWorker,
+                "OPENAI_BASE_URL",
+                openai.DEFAULT_BASE_URL,
+                "OPENAI_API_KEY",
+                frozenset({"api.openai.com"}),
+            )
+        ),
+        "OpenAI chat completions (OPENAI_API_KEY; OPENAI_BASE_URL or base_url, default https://api.openai.com/v1)",
+    )
+)
+register(
+    WorkerKind(
+        "anthropic",
+        _http_builder(
+            _Provider(
+                anthropic.AnthropicWorker,
+                "ANTHROPIC_BASE_URL",
+                anthropic.DEFAULT_BASE_URL,
+                "ANTHROPIC_API_KEY",
+                frozenset({"api.anthropic.com"}),
+            )
+        ),
+        "Anthropic Messages API (ANTHROPIC_API_KEY; ANTHROPIC_BASE_URL or base_url, default https://api.anthropic.com)",
+    )
+)
+register(
+    WorkerKind(
+        "llama_cpp",
+        _http_builder(
+            _Provider(
+                llama_cpp.LlamaCppWorker,
+                "LLAMA_CPP_URL",
+                llama_cpp.DEFAULT_URL,
+                "LLAMA_API_KEY",
+                frozenset(),
+                openai.server_root,
+            )
+        ),
+        "llama.cpp llama-server (LLAMA_CPP_URL, default http://localhost:8080)",
+    )
+)
+register(
+    WorkerKind(
+        "vllm",
+        _http_builder(
+            _Provider(vllm.VllmWorker, "VLLM_URL", vllm.DEFAULT_URL, "VLLM_API_KEY", frozenset(), openai.server_root)
+        ),
+        "vLLM OpenAI-compatible server (VLLM_URL, default http://localhost:8000)",
+    )
+)
+register(
+    WorkerKind(
+        "pool",
+        _require("pool", "replicas", _build_pool),
+        "load-balanced replicas (strategy round_robin, least_loaded or session_affinity)",
+    )
+)
+register(
+    WorkerKind(
+        "fallback",
+        _require("fallback", "members", _build_fallback),
+        "ordered chain, the next member after a retryable failure",
+    )
+)

@@ -1,0 +1,475 @@
+"""HTTP for the workers: one pooled httpx2 client, SSE streams and JSON calls whose every
+failure comes out as a classified WorkerError.
+
+httpx2 because the MCP SDK already depends on it (one HTTP stack, no second
+connection pool implementation to patch), it is async-native on anyio and has
+separate connect/read/write/pool timeouts. Server-sent events are parsed here, on the
+response's bytes, rather than with httpx2's EventSource: that one decodes text, then
+lines, then events, each in its own async generator, which cost more per chunk than
+everything else a worker does with it (see BENCHMARKS.md, backend overhead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import anyio
+import httpx2
+from anyio.abc import TaskGroup
+
+from mcp_orchestrator import __version__
+from mcp_orchestrator.errors import WorkerError
+from mcp_orchestrator.workers import taxonomy
+from mcp_orchestrator.workers.options import HttpSettings
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_BODY = 64 * 1024
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_JSON_BODY = 16 * 1024 * 1024
+DRAIN_TIMEOUT_S = 0.5
+USER_AGENT = f"mcp-orchestrator/{__version__}"
+
+
+def new_client(settings: HttpSettings | None = None) -> httpx2.AsyncClient:
+    """The pooled client all HTTP workers of one orchestrator share."""
+    settings = settings or HttpSettings()
+    return httpx2.AsyncClient(
+        timeout=httpx2.Timeout(
+            connect=settings.connect_timeout_s,
+            read=settings.read_timeout_s,
+            write=settings.write_timeout_s,
+            pool=settings.pool_timeout_s,
+        ),
+        limits=httpx2.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_keepalive_connections,
+            keepalive_expiry=settings.keepalive_expiry_s,
+        ),
+        headers={"user-agent": USER_AGENT},
+        follow_redirects=False,  # a redirect could carry the key to another host
+    )
+
+
+class ClientHandle:
+    """The shared client when there is one; otherwise a private one made on first use
+    (and closed by `aclose`), so a worker built for validation alone opens nothing."""
+
+    def __init__(self, shared: httpx2.AsyncClient | None, settings: HttpSettings | None = None) -> None:
+        self._shared = shared
+        self._settings = settings
+        self._own: httpx2.AsyncClient | None = None
+
+    def get(self) -> httpx2.AsyncClient:
+        if self._shared is not None:
+            return self._shared
+        if self._own is None:
+            self._own = new_client(self._settings)
+        return self._own
+
+    async def aclose(self) -> None:
+        if self._own is not None:
+            own, self._own = self._own, None
+            await own.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend as the transport sees it. `secrets` are redacted from every message."""
+
+    backend: str
+    """Names the backend in errors, e.g. 'open_ai at https://api.openai.com/v1'."""
+    base_url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()
+    key_hint: str | None = None
+    """Appended to 401/403 errors: where the key comes from, or why none was sent."""
+    _parsed: dict[str, httpx2.URL] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def url(self, path: str) -> str:
+        return self.base_url.rstrip("/") + path
+
+    def parsed_url(self, path: str) -> httpx2.URL:
+        """`url(path)` parsed once: httpx2 parses a string URL on every request (~20 µs)."""
+        parsed = self._parsed.get(path)
+        if parsed is None:
+            parsed = self._parsed[path] = httpx2.URL(self.url(path))
+        return parsed
+
+
+STALE_CONNECTION_RETRIES = 2
+"""Times a request is sent again when a pooled keep-alive connection turns out to be dead.
+
+Servers close idle or finished keep-alive connections at will (llama-server drops
+some right after a streamed answer), and a request written into such a connection
+fails before any byte of response. Nothing was answered, so sending it again on a
+fresh connection is safe; the OpenAI and Anthropic SDKs do the same. Failures after
+the response has started are never retried here."""
+
+
+async def _send(
+    client: httpx2.AsyncClient, endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None
+) -> httpx2.Response:
+    """Send the request; the response comes back with its body still unread (the caller closes it)."""
+    request = client.build_request(method, endpoint.parsed_url(path), json=body, headers=endpoint.headers)
+    for attempt in range(STALE_CONNECTION_RETRIES + 1):
+        try:
+            return await client.send(request, stream=True)
+        except (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError):
+            if attempt == STALE_CONNECTION_RETRIES:
+                raise
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+@asynccontextmanager
+async def open_response(
+    client: httpx2.AsyncClient, endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None = None
+) -> AsyncIterator[httpx2.Response]:
+    """Send the request and yield the response with its body still unread."""
+    response = await _send(client, endpoint, method, path, body)
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
+class BackgroundReads:
+    """Reads the rest of answered responses after the worker has handed on its answer.
+
+    A stream's last event ([DONE], message_stop) is often followed by the end of the HTTP
+    body in a later packet (llama-server sends it ~0.4 ms after). Reading it returns the
+    connection to the pool (a keep-alive server then needs no new connection, nor a new
+    TLS handshake, for the next request), but nobody needs to wait for it: a worker hands
+    the response over here and a task of this object's task group reads what is left (at
+    most DRAIN_TIMEOUT_S) and closes it. The owner (the orchestrator, beside the shared
+    client) runs it with `async with`; while it is not running, workers read inline.
+    """
+
+    def __init__(self) -> None:
+        self._group: TaskGroup | None = None
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> BackgroundReads:
+        async with AsyncExitStack() as stack:
+            self._group = await stack.enter_async_context(anyio.create_task_group())
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        group, stack = self._group, self._stack
+        self._group = self._stack = None
+        if group is not None and stack is not None:
+            group.cancel_scope.cancel()  # shutting down: the client closes the connections anyway
+            await stack.aclose()
+
+    def take(self, events: EventStream) -> bool:
+        """Finish reading `events`' response in the background; False when not running."""
+        if self._group is None:
+            return False
+        self._group.start_soon(self._finish, events, name="http:finish-response")
+        return True
+
+    @staticmethod
+    async def _finish(events: EventStream) -> None:
+        try:
+            await events.drain_and_close()
+        except Exception as exc:  # the answer is delivered: a failure here only costs the connection
+            log.debug("finishing a streamed response failed: %r", exc)
+
+
+BOM = b"\xef\xbb\xbf"
+"""UTF-8 byte order mark: allowed at the start of an SSE stream, and not part of it."""
+
+
+class SSEEvent(NamedTuple):
+    """One server-sent event: its type (`message` unless the server named one) and data."""
+
+    event: str
+    data: str
+
+
+class SSEFramingError(ValueError):
+    """The stream broke the SSE framing rules we enforce (an event over the size bound)."""
+
+
+class SSEDecoder:
+    """Incremental SSE parser (the WHATWG rules) working on bytes as they arrive.
+
+    Lines end with LF, CRLF or CR, also when split across reads; `data` lines of one
+    event are joined with LF; comments, `id` and `retry` are ignored (nothing here uses
+    them); an event without data is not dispatched; a last event without its blank line
+    is dropped, as the spec says. Each event, including a line still being received, is
+    bounded by `max_event_bytes`."""
+
+    __slots__ = ("_data", "_event", "_max", "_parts", "_parts_size", "_size", "_skip_lf", "_started")
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._parts: list[bytes] = []
+        """The line being received (not ended yet), in pieces."""
+        self._parts_size = 0
+        self._skip_lf = False
+        """The last read ended with CR: an LF opening the next one belongs to it."""
+        self._started = False
+        self._event = b""
+        self._data: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """The events completed by `chunk` (often none, sometimes several)."""
+        if not self._started:
+            if self._parts:
+                chunk = b"".join(self._parts) + chunk
+                self._parts.clear()
+            if len(chunk) < len(BOM) and BOM.startswith(chunk):
+                if chunk:
+                    self._parts.append(chunk)  # maybe a byte order mark split across reads: wait
+                return []
+            self._started = True
+            chunk = chunk.removeprefix(BOM)
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if b"\n" not in chunk:
+            if chunk:
+                self._parts.append(chunk)
+                self._parts_size += len(chunk)
+                self._check(self._parts_size)
+            return []
+        if self._parts:
+            self._parts.append(chunk)
+            chunk = b"".join(self._parts)
+            self._parts.clear()
+            self._parts_size = 0
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        events: list[SSEEvent] = []
+        for line in lines:
+            if line:
+                self._line(line)
+            elif self._data:
+                data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+                event = self._event.decode("utf-8", "replace") if self._event else "message"
+                events.append(SSEEvent(event, data.decode("utf-8", "replace")))
+                self._data = []
+                self._event = b""
+                self._size = 0
+            else:
+                self._event = b""
+                self._size = 0
+        if rest:
+            self._parts.append(rest)
+            self._parts_size = len(rest)
+            self._check(len(rest))
+        return events
+
+    def _line(self, line: bytes) -> None:
+        if line[:1] == b":":
+            return  # a comment (keep-alive pings)
+        self._size += len(line)
+        self._check(0)
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+
+    def _check(self, pending: int) -> None:
+        if self._size + pending > self._max:
+            raise SSEFramingError(f"a server-sent event exceeded the {self._max} byte limit")
+
+
+class EventStream:
+    """The events of one streamed answer, a batch (those one read completed) at a time.
+
+    Batches rather than single events: one read often completes several events (the
+    last text, the finish reason, usage and the end marker arrive together), and
+    handing them over together saves a suspension per event."""
+
+    __slots__ = ("_background", "_decoder", "_response", "_source", "handed_off")
+
+    def __init__(self, response: httpx2.Response, background: BackgroundReads | None = None) -> None:
+        # Without a content encoding the raw bytes are the body: skip httpx2's decoder layer.
+        encoded = response.headers.get("content-encoding", "identity").strip().lower() != "identity"
+        self._response = response
+        self._source = response.aiter_bytes() if encoded else response.aiter_raw()
+        self._decoder = SSEDecoder(MAX_EVENT_BYTES)
+        self._background = background
+        self.handed_off = False
+        """The response now belongs to `background`, which reads its end and closes it."""
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> list[SSEEvent]:
+        feed = self._decoder.feed
+        while True:
+            events = feed(await anext(self._source))
+            if events:
+                return events
+
+    async def finish(self) -> None:
+        """The answer is complete. What follows its last event (normally only the end of
+        the body) is read, so the connection goes back to the pool instead of being closed:
+        in the background when a BackgroundReads runs, else here."""
+        if self._background is not None and self._background.take(self):
+            self.handed_off = True
+            return
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Read and ignore the rest of the body; never wait long for it."""
+        with anyio.move_on_after(DRAIN_TIMEOUT_S):
+            try:
+                async for _ in self._source:
+                    pass
+            except httpx2.TransportError:
+                pass
+
+    async def drain_and_close(self) -> None:
+        """`drain`, then close the response (BackgroundReads runs this)."""
+        try:
+            await self.drain()
+        finally:
+            with anyio.move_on_after(DRAIN_TIMEOUT_S, shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the byte iterator and the response (its connection goes back to the pool
+        when the body was read to its end)."""
+        await self._source.aclose()
+        await self._response.aclose()
+
+
+@asynccontextmanager
+async def open_event_stream(
+    client: httpx2.AsyncClient,
+    endpoint: Endpoint,
+    path: str,
+    body: dict[str, Any],
+    background: BackgroundReads | None = None,
+) -> AsyncIterator[EventStream]:
+    """POST `body` and yield the answer's event stream. Every HTTP failure, also while the
+    block reads the stream, comes out as a classified WorkerError. The response is closed
+    on leaving the block, unless the block's `finish()` handed it to `background`."""
+    with _classified(endpoint):
+        response = await _send(client, endpoint, "POST", path, body)
+        events: EventStream | None = None
+        try:
+            await _raise_for_status(response, endpoint)
+            content_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+            if content_type != "text/event-stream":
+                sample = (await _read_limited(response, 200)).decode("utf-8", "replace")
+                raise taxonomy.malformed(
+                    endpoint.backend, f"expected an SSE stream, content-type is {content_type or 'missing'!r}", sample
+                )
+            events = EventStream(response, background)
+            yield events
+        finally:
+            if events is None:
+                await response.aclose()
+            elif not events.handed_off:
+                await events.aclose()
+
+
+async def request_json(
+    client: httpx2.AsyncClient, endpoint: Endpoint, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    """One JSON call (health checks, model lists, non-streaming completions)."""
+    with _classified(endpoint):
+        async with open_response(client, endpoint, method, path, body) as response:
+            await _raise_for_status(response, endpoint)
+            raw = await _read_limited(response, MAX_JSON_BODY)
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise taxonomy.malformed(
+            endpoint.backend, "the body is not JSON", raw[:200].decode("utf-8", "replace"), endpoint.secrets
+        ) from None
+
+
+def decode_event(endpoint: Endpoint, event: SSEEvent) -> dict[str, Any]:
+    """The JSON object in an event's data, or a clear error."""
+    try:
+        data = json.loads(event.data)
+    except ValueError:
+        raise taxonomy.malformed(endpoint.backend, "event data is not JSON", event.data, endpoint.secrets) from None
+    if not isinstance(data, dict):
+        raise taxonomy.malformed(endpoint.backend, "event data is not a JSON object", event.data, endpoint.secrets)
+    return data
+
+
+def ended_early(endpoint: Endpoint, expected: str) -> WorkerError:
+    """The connection closed cleanly but the stream's terminating event never came."""
+    return WorkerError(
+        endpoint.backend, f"the stream ended before {expected} (connection closed early)", retryable=True
+    )
+
+
+async def _raise_for_status(response: httpx2.Response, endpoint: Endpoint) -> None:
+    if response.status_code < 300:
+        return
+    body = await _read_limited(response, MAX_ERROR_BODY)
+    raise taxonomy.status_error(
+        endpoint.backend, response.status_code, body, response.headers, endpoint.secrets, endpoint.key_hint
+    )
+
+
+async def _read_limited(response: httpx2.Response, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for piece in response.aiter_bytes():
+        parts.append(piece)
+        size += len(piece)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+@contextmanager
+def _classified(endpoint: Endpoint) -> Iterator[None]:
+    """Every HTTP failure inside the block as a classified WorkerError (secrets redacted)."""
+    try:
+        yield
+    except httpx2.TimeoutException as exc:
+        raise _timeout_error(endpoint, exc) from None
+    except httpx2.TransportError as exc:
+        raise taxonomy.transport_error(endpoint.backend, exc, endpoint.secrets, what=_phase(exc)) from None
+    except SSEFramingError as exc:
+        raise taxonomy.malformed(endpoint.backend, "bad SSE framing", str(exc), endpoint.secrets) from None
+
+
+def _timeout_error(endpoint: Endpoint, exc: httpx2.TimeoutException) -> WorkerError:
+    what = {
+        httpx2.ConnectTimeout: "connecting timed out",
+        httpx2.ReadTimeout: "the backend sent nothing within the read timeout",
+        httpx2.WriteTimeout: "sending the request timed out",
+        httpx2.PoolTimeout: "no free connection in the pool within the pool timeout",
+    }.get(type(exc), "timed out")
+    return WorkerError(endpoint.backend, what, retryable=True)
+
+
+def _phase(exc: httpx2.TransportError) -> str:
+    if isinstance(exc, httpx2.ConnectError):
+        return "cannot connect"
+    if isinstance(exc, httpx2.ReadError | httpx2.RemoteProtocolError):
+        return "the connection broke while reading the answer"
+    return "the request failed"
+
+
+async def check_ok(client: httpx2.AsyncClient, endpoint: Endpoint, path: str) -> None:
+    """GET `path` and require a 2xx answer (health endpoints may have empty bodies)."""
+    with _classified(endpoint):
+        async with open_response(client, endpoint, "GET", path) as response:
+            await _raise_for_status(response, endpoint)

@@ -1,3 +1,0 @@
-"""mcp-orchestrator: a production LLM pipeline exposed to Claude as MCP tools."""
-
-__version__ = "0.1.0"
