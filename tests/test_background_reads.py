@@ -12,8 +12,10 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
+import httpx2
 import pytest
 from anyio.abc import SocketStream
 
@@ -97,30 +99,44 @@ async def test_the_answer_comes_before_the_body_ends_and_the_connection_is_kept(
             stages={"inference": {"worker": "open_ai", "base_url": f"http://127.0.0.1:{server.port}/v1"}},
         )
         async with running(config) as (orchestrator, client):
+            closed = ResponsesClosed().watch(orchestrator)
             with anyio.fail_after(TEST_TIMEOUT_S):
                 first = await client.call_tool("infer", {"prompt": "one", "cache": False})
-                # The server still holds the end of that body, and the connection is still open
+                # The server still holds the end of that body, and the response is still open
                 # and being read (in the background): the answer did not wait for the body's end.
                 assert not server.release.is_set()
-                assert _connections(orchestrator) == (1, 0)  # (open, idle)
+                assert closed.count == 0
                 assert not first.is_error, first.content
                 assert first.content[0].text == "held back"
                 assert first.structured_content is not None
                 assert first.structured_content["usage"] == {"input_tokens": 3, "output_tokens": 2}
                 server.release.set()
-                # Read to its end in the background, the connection goes back to the pool...
-                await wait_for(lambda: _connections(orchestrator) == (1, 1))
+                # Read to its end in the background, the response closes (its connection goes
+                # back to the pool)...
+                await wait_for(lambda: closed.count == 1)
                 second = await client.call_tool("infer", {"prompt": "two", "cache": False})
     assert not second.is_error and second.content[0].text == "held back"
     # ...and the second call used it: one connection for both requests.
     assert (server.requests, server.connections) == (2, 1)
 
 
-def _connections(orchestrator: Orchestrator) -> tuple[int, int]:
-    """(open, idle) connections of the shared client's pool (httpcore2's, through httpx2)."""
-    pool = orchestrator.http._transport._pool  # type: ignore[attr-defined]
-    connections = list(pool.connections)
-    return len(connections), sum(1 for connection in connections if connection.is_idle())
+class ResponsesClosed:
+    """Counts the shared client's responses read to their end and closed, through httpx2's
+    public request hooks and the `trace` extension (its connection is free again then)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def watch(self, orchestrator: Orchestrator) -> ResponsesClosed:
+        orchestrator.http.event_hooks = {"request": [self._on_request], "response": []}
+        return self
+
+    async def _on_request(self, request: httpx2.Request) -> None:
+        request.extensions["trace"] = self._on_event
+
+    async def _on_event(self, name: str, info: dict[str, Any]) -> None:
+        if name == "http11.response_closed.complete":
+            self.count += 1
 
 
 async def test_without_background_reads_the_worker_reads_the_end_itself() -> None:

@@ -12,14 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_orchestrator.workers.base import WorkerError
-from mcp_orchestrator.workers.transport import (
-    Endpoint,
-    EventStream,
-    SSEDecoder,
-    SSEEvent,
-    SSEFramingError,
-    open_event_stream,
-)
+from mcp_orchestrator.workers.sse import SSEDecoder, SSEEvent, SSEFramingError
+from mcp_orchestrator.workers.transport import Endpoint, EventStream, open_event_stream
 
 # The bytes of a real llama-server answer (max_tokens 4, with usage), as recorded from it.
 LLAMA_STREAM = (
