@@ -320,6 +320,20 @@ async def test_resilience_keys(tmp_path: Path) -> None:
         (breaker,) = (await status_of(live.client))["breakers"]
         assert breaker["state"] == "closed"  # one probe of one is enough now (4 of 5 before)
 
+        worker.failing = True
+        probes = threshold + "circuit_breaker_timeout_s = 1\ncircuit_breaker_probes = 2\n"
+        await live.hup(probes)
+        for _ in range(2):
+            assert (await live.infer()).is_error
+        clock.advance(1.01)
+        worker.failing = False
+        assert not (await live.infer()).is_error
+        (breaker,) = (await status_of(live.client))["breakers"]
+        assert breaker["state"] == "half_open"  # one success of two probes is below 0.8
+        await live.hup(probes + "circuit_breaker_success_rate = 0.5\n")
+        (breaker,) = (await status_of(live.client))["breakers"]
+        assert breaker["state"] == "closed"  # judged again at once: one of two is enough at 0.5
+
 
 @needs_sighup
 @pytest.mark.anyio
@@ -363,6 +377,14 @@ async def test_rate_limit_keys(tmp_path: Path) -> None:
         )
         clock.advance(1)  # a global token again: s2's own bucket is full
         assert not (await live.infer(session_id="s2")).is_error
+        await live.hup(BASE + sessions.replace("per_session_burst = 1", "per_session_burst = 2"))
+        for _ in range(2):
+            clock.advance(1)
+            assert not (await live.infer(session_id="s3")).is_error  # a session's bucket holds two now
+        clock.advance(1)
+        assert "the per-session limit (0.1 requests/s, burst 2)" in error_text(
+            await live.infer(session_id="s3", deadline_ms=1000)
+        )
 
         # A token 0.5 s away and a 1 s deadline: worth waiting for unless 0.6 s must be left.
         slow = "[rate_limits]\nenabled = true\nrequests_per_second = 2\nburst_capacity = 1\n"
