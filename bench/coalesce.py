@@ -1,13 +1,13 @@
 """Coalescing under a thundering herd: 1,000 identical concurrent calls, echo with 200 ms delay.
 
-All 1,000 are started at once in-process (each its own task calling `pipeline.infer`,
+All 1,000 are started at once in-process (each its own task calling `Orchestrator.infer`,
 as 1,000 tool calls would). Figures:
 - backend calls (the echo worker counts them): target exactly 1;
-- waiter overhead, two ways (target p99 <= 1 ms):
-  a) after the leader: when each waiter had its answer minus when the leader had its own
-     (the strict reading: answers are handed out one waiter after the other);
-  b) latency beyond the leader's: each waiter's latency (its own call to its own answer)
-     minus the leader's latency (waiters start later, so this is mostly negative);
+- waiter overhead (target p99 <= 1 ms): when each waiter had its answer minus when the
+  leader had its own (answers are handed out one waiter after the other). The verdict is
+  its p99 with a bootstrap interval, passing only when the interval's upper end meets the
+  target. Printed beside it, not a verdict: each waiter's latency beyond the leader's
+  (waiters start later, so it is mostly negative: it says nothing about the overhead);
 - baselines in the same run: one call alone (the leader's latency without a herd), and
   the wake-up floor: as many bare tasks, each waiting on its own anyio Event, all set
   at once: how long after the set the last of them runs. Reading a) can never be below
@@ -23,10 +23,8 @@ import time
 
 import anyio
 
-from bench.common import header, percentile, row, verdict
-from mcp_orchestrator.config import Config
-from mcp_orchestrator.models import InferResult, Submission
-from mcp_orchestrator.pipeline import Pipeline
+from bench.common import at_most, bootstrap, header, percentile, row, verdict
+from mcp_orchestrator import Config, InferResult, Orchestrator, Submission
 from mcp_orchestrator.workers.echo import EchoWorker
 
 TARGET_OVERHEAD_MS = 1.0
@@ -35,23 +33,23 @@ TARGET_OVERHEAD_MS = 1.0
 async def herd(callers: int, delay_ms: int) -> None:
     worker = EchoWorker(delay_ms=delay_ms)
     submission = Submission(prompt="what does everybody want to know at the same time?")
-    async with Pipeline(Config(), worker) as pipeline:
+    async with Orchestrator(Config(), worker) as orchestrator:
         alone_started = time.perf_counter()
-        await pipeline.infer(Submission(prompt="a warm-up call, alone"))
+        await orchestrator.infer(Submission(prompt="a warm-up call, alone"))
         alone_ms = (time.perf_counter() - alone_started) * 1000
 
         results: list[tuple[float, float, InferResult]] = []  # (started, finished, result)
 
         async def call() -> None:
             started = time.perf_counter()
-            result = await pipeline.infer(submission)
+            result = await orchestrator.infer(submission)
             results.append((started, time.perf_counter(), result))
 
         async with anyio.create_task_group() as tg:
             for _ in range(callers):
                 tg.start_soon(call)
-        assert pipeline.reconciles()
-        totals = pipeline.status().totals
+        totals = orchestrator.status().totals
+        assert totals.completed == callers + 1 and totals.in_flight == 0, totals
 
     floor = await wake_floor(callers - 1)
     leaders = [entry for entry in results if not entry[2].coalesced]
@@ -69,16 +67,16 @@ async def herd(callers: int, delay_ms: int) -> None:
     row("totals", f"coalesced={totals.coalesced} backend_calls_saved={totals.backend_calls_saved}")
     row("baseline: one call alone", f"{alone_ms:.1f} ms")
     row("leader latency in the herd", f"{leader_ms:.1f} ms")
-    row("a) waiter answered after the leader", spread(after_leader))
-    row("   per waiter (a's max / waiters)", f"{max(after_leader) * 1000 / len(waiters):.1f} µs")
+    row("waiter answered after the leader", spread(after_leader))
+    row("   per waiter (max / waiters)", f"{max(after_leader) * 1000 / len(waiters):.1f} µs")
     row("   floor: bare tasks woken from their events", spread(floor))
     floor_p99 = percentile(floor, 0.99)
-    row("   a) beyond the floor (p99 - floor p99)", f"{percentile(after_leader, 0.99) - floor_p99:.3f} ms")
-    row("b) waiter latency beyond the leader's", spread(beyond_latency))
+    row("   beyond the floor (p99 - floor p99)", f"{percentile(after_leader, 0.99) - floor_p99:.3f} ms")
+    row("(not a verdict) waiter latency beyond the leader's", spread(beyond_latency))
     verdict("backend calls == 1", worker.calls - 1 == 1, f"{worker.calls - 1}")
-    strict, loose = percentile(after_leader, 0.99), percentile(beyond_latency, 0.99)
-    verdict("a) waiter overhead p99 <= 1 ms (strict)", strict <= TARGET_OVERHEAD_MS, f"{strict:.3f} ms")
-    verdict("b) waiter latency p99 <= leader's + 1 ms", loose <= TARGET_OVERHEAD_MS, f"{loose:.3f} ms")
+    p99 = percentile(after_leader, 0.99)
+    interval = bootstrap(after_leader, lambda values: percentile(values, 0.99))
+    at_most("waiter answered after the leader, p99", p99, interval, TARGET_OVERHEAD_MS, " ms")
 
 
 async def wake_floor(waiters: int) -> list[float]:

@@ -19,17 +19,15 @@ import argparse
 import anyio
 
 from bench.common import header, row, rss_mb, verdict
-from mcp_orchestrator.config import Config
-from mcp_orchestrator.models import Submission
-from mcp_orchestrator.pipeline import Pipeline
+from mcp_orchestrator import Config, Orchestrator, Submission
 from mcp_orchestrator.workers.echo import EchoWorker
 
 TARGET_MB = 20.0
 
 
-async def waves(pipeline: Pipeline, first: int, count: int, wave: int) -> None:
+async def waves(orchestrator: Orchestrator, first: int, count: int, wave: int) -> None:
     async def one(index: int) -> None:
-        await pipeline.infer(
+        await orchestrator.infer(
             Submission(prompt=f"unique request number {index} with a few words", session_id=f"s{index}")
         )
 
@@ -43,25 +41,25 @@ async def main(requests: int, wave: int) -> None:
     header(f"memory: RSS growth over {requests:,} unique requests")
     row("RSS at start", f"{rss_mb():.1f} MiB")
     worker = EchoWorker()
-    async with Pipeline(Config(), worker) as pipeline:
-        await waves(pipeline, 0, wave, wave)
+    async with Orchestrator(Config(), worker) as orchestrator:
+        await waves(orchestrator, 0, wave, wave)
         before = rss_mb()
         row(f"RSS after {wave:,} warm-up requests (before)", f"{before:.1f} MiB")
         done = 0
         step = max(wave, requests // 10)
         while done < requests:
             count = min(step, requests - done)
-            await waves(pipeline, wave + done, count, wave)
+            await waves(orchestrator, wave + done, count, wave)
             done += count
             row(f"RSS after {done:,}", f"{rss_mb():.1f} MiB  (+{rss_mb() - before:.1f})")
         after = rss_mb()
-        status = pipeline.status()
-        assert pipeline.reconciles()
+        status = orchestrator.status()
+        assert status.reconciles
         assert status.totals.completed == requests + wave, status.totals
         row(
             "held at the end",
-            f"cache {len(pipeline.cache):,} entries, dead letters {len(pipeline.dead_letters)}, "
-            f"live {len(pipeline.live)}, latency window {len(pipeline.latencies_ms):,}",
+            f"cache {status.cache.entries:,} entries, dead letters {status.dead_letters.held}, "
+            f"in flight {status.totals.in_flight}",
         )
     growth = after - before
     row("growth", f"{growth:.1f} MiB")

@@ -16,24 +16,27 @@ Latency is each request's own time in the pipeline (submitted to answered).
 Capacities: to take 10,000 requests at once without shedding, every stage queue is
 sized to 10,000 for this run, and the floor's streams get the same capacity.
 
-Target: pipeline throughput >= 0.5x the raw floor (the like-for-like shape).
+Target: pipeline throughput >= 0.5x the raw floor (the like-for-like shape). The verdict is
+the median of the rounds' ratios, and it passes only when the lower end of its interval (a
+distribution-free interval for the median: with 7 rounds, the worst and best round) meets
+the target; every round is printed.
 
-    .venv/bin/python -m bench.pipeline [--requests 10000] [--rounds 3] [--no-dedup]
+    .venv/bin/python -m bench.pipeline [--requests 10000] [--rounds 7] [--no-dedup]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from bench.common import header, percentile, row, verdict
-from mcp_orchestrator.config import Config, config_from_mapping
-from mcp_orchestrator.models import InferResult, Submission
-from mcp_orchestrator.pipeline import Pipeline
+from bench.common import at_least, header, median_interval, percentile, row
+from mcp_orchestrator import Config, InferResult, Orchestrator, Submission
+from mcp_orchestrator.config import config_from_mapping
 from mcp_orchestrator.workers.echo import EchoWorker
 
 HOPS = 5
@@ -116,13 +119,13 @@ async def pipeline_run(
 ) -> tuple[float, list[float]]:
     """Requests per second through the pipeline, and each request's latency in ms."""
     worker = EchoWorker()
-    pipeline = Pipeline(bench_config(capacity, dedup), worker)
+    orchestrator = Orchestrator(bench_config(capacity, dedup), worker)
     submissions = [Submission(prompt=f"request number {i}") for i in range(n)]
     results: list[InferResult] = []
-    async with pipeline:
+    async with orchestrator:
 
         async def one(submission: Submission) -> None:
-            results.append(await pipeline.infer(submission))
+            results.append(await orchestrator.infer(submission))
 
         started = time.perf_counter()
         if caller_tasks:
@@ -130,11 +133,11 @@ async def pipeline_run(
                 for submission in submissions:
                     tg.start_soon(one, submission)
         else:
-            requests = [pipeline.submit(submission) for submission in submissions]
-            results = [await pipeline.wait(request) for request in requests]
+            requests = [orchestrator.submit(submission) for submission in submissions]
+            results = [await orchestrator.wait(request) for request in requests]
         elapsed = time.perf_counter() - started
-        assert pipeline.reconciles()
-        totals = pipeline.status().totals
+        totals = orchestrator.status().totals
+        assert totals.submitted == totals.completed + totals.failed + totals.shed + totals.cancelled
         assert totals.completed == n and totals.shed == 0, totals
         assert worker.calls == n and len(results) == n
     return n / elapsed, [result.latency_ms for result in results]
@@ -146,7 +149,7 @@ async def main(n: int, rounds: int, dedup: bool) -> None:
     row("stage queue capacity (pipeline and floor)", f"{capacity:,}")
     row("coalescing and result cache", "on" if dedup else "off ([deduplication] enabled = false)")
     await pipeline_run(min(n, 1000), capacity)  # warm-up: imports, first-call paths
-    best_ratio = 0.0
+    ratios: list[float] = []
     for index in range(rounds):
         name = f"round {index + 1}"
         floor = await raw_floor(n, capacity)
@@ -154,7 +157,7 @@ async def main(n: int, rounds: int, dedup: bool) -> None:
         with_callers = await floor_with_callers(n, capacity)
         rps_callers, latencies_callers = await pipeline_run(n, capacity, dedup, caller_tasks=True)
         ratio = rps / floor
-        best_ratio = max(best_ratio, ratio)
+        ratios.append(ratio)
         row(f"{name}: raw floor (bare hops, one producer)", f"{floor:,.0f} items/s")
         row(f"{name}: pipeline, one producer", f"{rps:,.0f} requests/s  ({ratio:.3f}x the raw floor)")
         row(f"{name}: pipeline latency, one producer", _latency(latencies))
@@ -165,7 +168,9 @@ async def main(n: int, rounds: int, dedup: bool) -> None:
             f"{rps_callers / floor:.3f}x the raw floor)",
         )
         row(f"{name}: pipeline latency, caller tasks", _latency(latencies_callers))
-    verdict("throughput >= 0.5x the raw floor", best_ratio >= TARGET, f"best round {best_ratio:.3f}x")
+    row("ratios to the raw floor, by round", ", ".join(f"{ratio:.3f}" for ratio in ratios))
+    low, high, coverage = median_interval(ratios)
+    at_least("throughput / raw floor (median round)", statistics.median(ratios), (low, high), TARGET, "x", coverage)
 
 
 def _latency(latencies: list[float]) -> str:
@@ -175,7 +180,7 @@ def _latency(latencies: list[float]) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-dedup", action="store_true", help="run with [deduplication] enabled = false")
     args = parser.parse_args()
     anyio.run(main, args.requests, args.rounds, not args.no_dedup)

@@ -22,10 +22,9 @@ from collections.abc import AsyncGenerator
 import anyio
 
 from bench.common import header, row, verdict
+from mcp_orchestrator import Orchestrator, Submission
 from mcp_orchestrator.config import config_from_mapping
 from mcp_orchestrator.errors import OrchestratorError, RateLimited
-from mcp_orchestrator.models import Submission
-from mcp_orchestrator.pipeline import Pipeline
 from mcp_orchestrator.workers.base import Chunk, WorkerRequest
 from mcp_orchestrator.workers.echo import EchoWorker
 
@@ -65,11 +64,11 @@ async def overload(seconds: float, rate: float, burst: int, factor: float) -> No
     worker = StampedEcho()
     outcomes: Counter[str] = Counter()
     offered_rate = rate * factor
-    async with Pipeline(config, worker) as pipeline:
+    async with Orchestrator(config, worker) as orchestrator:
 
         async def call(index: int) -> None:
             try:
-                await pipeline.infer(Submission(prompt=f"request {index}", deadline_ms=DEADLINE_MS))
+                await orchestrator.infer(Submission(prompt=f"request {index}", deadline_ms=DEADLINE_MS))
                 outcomes["completed"] += 1
             except RateLimited:
                 outcomes["rate limited"] += 1
@@ -89,7 +88,7 @@ async def overload(seconds: float, rate: float, burst: int, factor: float) -> No
                     tg.start_soon(call, sent)
                     sent += 1
                 await anyio.sleep(1 / offered_rate)
-        assert pipeline.reconciles()
+        assert orchestrator.status().reconciles
     in_window = [t for t in worker.stamps if start <= t <= start + seconds]
     bound = rate * seconds + burst
     ratio = len(in_window) / bound
