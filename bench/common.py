@@ -59,8 +59,7 @@ def bootstrap(values: Sequence[float], statistic: Callable[[Sequence[float]], fl
     """A 95% percentile-bootstrap interval of `statistic` over `values` (fixed seed: the same
     figures give the same interval)."""
     rand = random.Random(BOOTSTRAP_SEED)
-    estimates = sorted(statistic(rand.choices(values, k=len(values))) for _ in range(BOOTSTRAP_SAMPLES))
-    return estimates[int(0.025 * BOOTSTRAP_SAMPLES)], estimates[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
+    return _central_95([statistic(rand.choices(values, k=len(values))) for _ in range(BOOTSTRAP_SAMPLES)])
 
 
 def bootstrap_ratio(
@@ -69,11 +68,19 @@ def bootstrap_ratio(
     """A 95% percentile-bootstrap interval of statistic(numerator) / statistic(denominator),
     resampling the two samples independently."""
     rand = random.Random(BOOTSTRAP_SEED)
-    estimates = sorted(
-        statistic(rand.choices(numerator, k=len(numerator))) / statistic(rand.choices(denominator, k=len(denominator)))
-        for _ in range(BOOTSTRAP_SAMPLES)
+    return _central_95(
+        [
+            statistic(rand.choices(numerator, k=len(numerator)))
+            / statistic(rand.choices(denominator, k=len(denominator)))
+            for _ in range(BOOTSTRAP_SAMPLES)
+        ]
     )
-    return estimates[int(0.025 * BOOTSTRAP_SAMPLES)], estimates[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
+
+
+def _central_95(estimates: list[float]) -> tuple[float, float]:
+    """The middle 95% of bootstrap estimates."""
+    ordered = sorted(estimates)
+    return ordered[int(0.025 * len(ordered))], ordered[int(0.975 * len(ordered)) - 1]
 
 
 def median_interval(values: Sequence[float]) -> tuple[float, float, float]:

@@ -18,6 +18,7 @@ from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.config import Config
 from mcp_orchestrator.models import Usage
 from mcp_orchestrator.workers.base import Chunk, Worker, WorkerError, WorkerRequest
+from tests.support_workers import StubWorker
 
 
 class ManualClock:
@@ -38,7 +39,7 @@ class ManualClock:
         await anyio.lowlevel.checkpoint()
 
 
-class GatedWorker:
+class GatedWorker(StubWorker):
     """Answers with the prompt once the test opens the gate. Counts calls, finished calls
     and calls cancelled while waiting, so tests can tell whether the backend call survived."""
 
@@ -76,15 +77,6 @@ class GatedWorker:
         prompt = request.messages[-1].content
         yield Chunk(prompt, Usage(input_tokens=len(prompt.split()), output_tokens=len(prompt.split())), "stop")
         self.finished += 1
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model}
-
-    async def health(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 @asynccontextmanager

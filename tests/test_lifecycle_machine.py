@@ -30,6 +30,7 @@ from mcp_orchestrator.models import Outcome, Priority, Submission, Usage
 from mcp_orchestrator.pipeline import Pipeline, Request
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
 from tests.conftest import make_config
+from tests.support_workers import StubWorker
 
 STEP_TIMEOUT_S = 10.0
 PROMPTS = ["alpha", "beta", "gamma"]
@@ -45,7 +46,7 @@ class Pending:
     failure: WorkerError | None = None
 
 
-class ControlledWorker:
+class ControlledWorker(StubWorker):
     """Every call waits until the machine answers or fails it."""
 
     kind = "controlled"
@@ -69,15 +70,6 @@ class ControlledWorker:
         if call.failure is not None:
             raise call.failure
         yield Chunk(call.prompt, Usage(input_tokens=1, output_tokens=1), "stop")
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.name}
-
-    async def health(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 @dataclass(eq=False)

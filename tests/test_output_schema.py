@@ -9,7 +9,7 @@ field of InferResult, and every result infer returns must validate against it.
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -20,9 +20,10 @@ from jsonschema import Draft202012Validator
 
 from mcp_orchestrator.models import Hop, InferResult, Provenance, StageTimings, Usage
 from mcp_orchestrator.server.schema import flat_json_schema
-from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
+from mcp_orchestrator.workers.base import WorkerError
 from tests.conftest import error_text, make_config, running, wait_for, with_progress
 from tests.support_admission import GatedWorker, serving, start_call
+from tests.support_workers import Scripted
 
 pytestmark = pytest.mark.anyio
 
@@ -94,34 +95,6 @@ async def test_the_schema_documents_every_field_with_its_type() -> None:
 
 
 # ---------------------------------------------------------------------------- every result validates
-
-
-class Scripted:
-    """One step per call: "ok", or a WorkerError to raise."""
-
-    kind = "scripted"
-    model = "script"
-
-    def __init__(self, *steps: object) -> None:
-        self.steps = list(steps)
-        self.calls = 0
-
-    async def generate(self, request: WorkerRequest) -> AsyncGenerator[Chunk, None]:
-        step = self.steps[min(self.calls, len(self.steps) - 1)]
-        self.calls += 1
-        if isinstance(step, WorkerError):
-            raise step
-        yield Chunk("hello")
-        yield Chunk(" world", Usage(input_tokens=1, output_tokens=2), "stop")
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model}
-
-    async def health(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 def checked(schema: dict[str, Any], result: Any) -> dict[str, Any]:

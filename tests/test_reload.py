@@ -38,6 +38,7 @@ from tests.support_context import Passages
 from tests.support_fault_server import FaultServer
 from tests.support_faults_extra import FakeClock
 from tests.support_processes import LINE_TIMEOUT_S, raw_stdio
+from tests.support_workers import StubWorker
 from tests.test_stdio import HANDSHAKE_VERSION, jsonrpc
 
 pytest_plugins = ("tests.support_llama", "tests.support_fault_server")  # the fault server relays to llama-server
@@ -261,7 +262,7 @@ async def test_inference_queue_capacity_and_timeout(tmp_path: Path) -> None:
         gated.open()
 
 
-class Switchable:
+class Switchable(StubWorker):
     """A worker that fails (retryably) or answers, as the test says; counts its calls."""
 
     kind = "switchable"
@@ -276,15 +277,6 @@ class Switchable:
         if self.failing:
             raise WorkerError("switchable", "overloaded", retryable=True, status=503)
         yield Chunk("ok", Usage(input_tokens=1, output_tokens=1), "stop")
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model}
-
-    async def health(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 @needs_sighup

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_orchestrator.errors import CircuitOpen, StageTimeout, WorkerFailed
-from mcp_orchestrator.models import Submission, Usage
+from mcp_orchestrator.models import Submission
 from mcp_orchestrator.pipeline import Pipeline
 from mcp_orchestrator.resilience.retry import RetryPolicy, Verdict, call_with_retries, plan_retry
-from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
+from mcp_orchestrator.workers.base import WorkerError
 from tests.conftest import make_config
 from tests.support_faults_extra import FakeClock
+from tests.support_workers import Scripted
 
 policies = st.builds(
     lambda retries, base, factor: RetryPolicy(retries, base, base * factor),
@@ -214,38 +214,6 @@ async def test_total_sleep_stays_inside_the_deadline(
 # ---------------------------------------------------------------------------- the retry loop inside the pipeline
 # A worker that fails on command, for the loop's unit tests only; the user-visible
 # behaviour is tested through the real HTTP workers in test_resilience_faults.py.
-
-
-class Scripted:
-    """Plays one step per call: "ok", "stall", "partial" (a chunk, then a retryable error) or a WorkerError."""
-
-    kind = "scripted"
-    model = "script"
-
-    def __init__(self, *steps: object) -> None:
-        self.steps = list(steps)
-        self.calls = 0
-
-    async def generate(self, request: WorkerRequest) -> AsyncGenerator[Chunk, None]:
-        step = self.steps[min(self.calls, len(self.steps) - 1)]
-        self.calls += 1
-        if isinstance(step, WorkerError):
-            raise step
-        if step == "stall":
-            await anyio.sleep_forever()
-        yield Chunk("hello")
-        if step == "partial":
-            raise WorkerError("scripted", "connection reset mid-stream", retryable=True)
-        yield Chunk(" world", Usage(input_tokens=1, output_tokens=2), "stop")
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model}
-
-    async def health(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
 
 
 def busy(after: float | None = None) -> WorkerError:

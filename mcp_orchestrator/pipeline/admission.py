@@ -16,12 +16,13 @@ import anyio
 from mcp_orchestrator.config import DeduplicationSection, RateLimitsSection
 from mcp_orchestrator.errors import PipelineNotRunning, RateLimited
 from mcp_orchestrator.models import Message, Outcome
+from mcp_orchestrator.pipeline.answers import Answer, CachedAnswer
 from mcp_orchestrator.pipeline.coalesce import Trips, answer_key
 from mcp_orchestrator.pipeline.lease import WorkerLease
 from mcp_orchestrator.pipeline.ledger import Ledger
 from mcp_orchestrator.pipeline.limits import RateLimits
 from mcp_orchestrator.pipeline.prompt import assemble_messages
-from mcp_orchestrator.pipeline.request import Answer, Request, Trip
+from mcp_orchestrator.pipeline.request import Request, Trip
 from mcp_orchestrator.pipeline.stages import Stages
 from mcp_orchestrator.resilience.cache import ResultCache
 
@@ -38,7 +39,7 @@ class Admission:
         ledger: Ledger,
         trips: Trips,
         stages: Stages,
-        cache: ResultCache[Answer],
+        cache: ResultCache[CachedAnswer],
         lease: WorkerLease,
         clock: Callable[[], float],
     ) -> None:
@@ -73,9 +74,9 @@ class Admission:
             messages = assemble_messages(submission.prompt, submission.system, [])
             key = self._key(messages, request)
             if submission.cache:
-                answer = self._cache.get(key)
-                if answer is not None:
-                    self._answer_from_cache(request, answer, now)
+                cached = self._cache.get(key)
+                if cached is not None:
+                    self._answer_from_cache(request, cached.unpack(), now)
                     return
             if submission.dedup:
                 trip = self._trips.flights.get(key)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from mcp_orchestrator.errors import RequestError, RequestShed
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import DeadLetterReason, GenerationParams, Message, Outcome, StageName
+from mcp_orchestrator.pipeline.answers import CachedAnswer
 from mcp_orchestrator.pipeline.dead_letters import DeadLetterQueue
 from mcp_orchestrator.pipeline.ledger import Ledger
-from mcp_orchestrator.pipeline.request import Answer, Request, Trip
+from mcp_orchestrator.pipeline.request import Request, Trip
 from mcp_orchestrator.resilience.cache import ResultCache
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Trips:
         self,
         ledger: Ledger,
         dead_letters: DeadLetterQueue,
-        cache: ResultCache[Answer],
+        cache: ResultCache[CachedAnswer],
         metrics: Metrics,
         clock: Callable[[], float],
     ) -> None:
@@ -128,7 +129,7 @@ class Trips:
         waiters = self._close(trip)
         answer = trip.answer()
         if trip.key is not None and trip.cacheable:
-            self._cache.put(trip.key, answer)
+            self._cache.put(trip.key, CachedAnswer.pack(answer))
         now = self._time()
         end = self._ledger.end
         for request in waiters:

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from mcp_orchestrator.errors import RateLimited, RequestError
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import Outcome, Submission
-from mcp_orchestrator.pipeline.request import Answer, ChunkSink, Request
+from mcp_orchestrator.pipeline.answers import Answer
+from mcp_orchestrator.pipeline.request import ChunkSink, Request
 
 LATENCY_WINDOW = 4096
 """Latest completed requests kept for the latency percentiles."""

@@ -29,6 +29,7 @@ from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import InferResult, Outcome, PipelineStatus, StageTimings, Submission, Usage
 from mcp_orchestrator.pipeline.admission import Admission
+from mcp_orchestrator.pipeline.answers import CachedAnswer
 from mcp_orchestrator.pipeline.breakers import Breakers
 from mcp_orchestrator.pipeline.coalesce import TripHooks, Trips
 from mcp_orchestrator.pipeline.context import ContextSource
@@ -37,7 +38,7 @@ from mcp_orchestrator.pipeline.dispatch import Dispatch
 from mcp_orchestrator.pipeline.lease import WorkerLease, close_quietly
 from mcp_orchestrator.pipeline.ledger import Ledger
 from mcp_orchestrator.pipeline.limits import RateLimits
-from mcp_orchestrator.pipeline.request import Answer, ChunkSink, Request, Trip
+from mcp_orchestrator.pipeline.request import ChunkSink, Request, Trip
 from mcp_orchestrator.pipeline.stages import LIGHT_STAGES, Stages
 from mcp_orchestrator.pipeline.status import live_metrics, pipeline_status
 from mcp_orchestrator.resilience.cache import ResultCache
@@ -99,7 +100,7 @@ class Pipeline:
         now = self.clock.now
         dedup = config.deduplication
         self.dead_letters = DeadLetterQueue(config.pipeline.dead_letter_capacity)
-        self.cache: ResultCache[Answer] = ResultCache(dedup.max_entries, dedup.window_s, clock=now)
+        self.cache: ResultCache[CachedAnswer] = ResultCache(dedup.max_entries, dedup.window_s, clock=now)
         self.breakers = Breakers(config.resilience.breaker_settings(), self.clock, self.metrics)
         self.lease = WorkerLease(worker, self.breakers, self.metrics)
         self.trips: Trips

@@ -19,21 +19,10 @@ import anyio
 
 from mcp_orchestrator.errors import RequestError
 from mcp_orchestrator.models import Message, Outcome, Provenance, StageName, Submission, Usage
+from mcp_orchestrator.pipeline.answers import Answer
 
 ChunkSink = Callable[[str], None]
 """Receives the answer's text chunks as they stream (a caller's progress, say)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """What a completed trip (or the cache) hands to every request it answers."""
-
-    text: str
-    usage: Usage | None
-    finish_reason: str | None
-    worker: str
-    model: str
-    provenance: Provenance | None
 
 
 @dataclass(slots=True, eq=False)

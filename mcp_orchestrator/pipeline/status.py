@@ -46,17 +46,10 @@ def pipeline_status(pipeline: Pipeline) -> PipelineStatus:
             for stage in STAGE_ORDER
         ],
         totals=Totals(
-            submitted=counters.submitted,
-            completed=counters.completed,
-            failed=counters.failed,
-            shed=counters.shed,
-            cancelled=counters.cancelled,
+            **vars(counters),
             in_flight=len(ledger.live),
-            coalesced=counters.coalesced,
-            cache_hits=counters.cache_hits,
             dead_letters=len(pipeline.dead_letters),
             backend_calls_saved=counters.coalesced + counters.cache_hits,
-            rate_limited=counters.rate_limited,
         ),
         worker={**lease.worker.describe(), "in_flight": lease.active},
         rate_limit=pipeline.admission.limits.status(),
