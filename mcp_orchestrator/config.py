@@ -18,6 +18,7 @@ from mcp_orchestrator.errors import ConfigError, Problem, validation_problems
 from mcp_orchestrator.models import MaxTokens, Temperature
 from mcp_orchestrator.resilience.breaker import BreakerSettings
 from mcp_orchestrator.resilience.retry import RetryPolicy
+from mcp_orchestrator.security import OriginRule
 from mcp_orchestrator.workers.options import HttpSettings, WorkerOptions
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -248,17 +249,41 @@ class ServerSection(_Section):
     """Name of the environment variable holding the optional bearer token for HTTP mode."""
 
 
-DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1", "api.openai.com", "api.anthropic.com")
+DEFAULT_WORKER_ORIGINS = (
+    "https://api.openai.com",
+    "https://api.anthropic.com",
+    "http://localhost:8080",
+    "http://127.0.0.1:8080",
+    "http://localhost:8000",
+    "http://127.0.0.1:8000",
+)
+"""The providers' official APIs and the local llama.cpp (8080) and vLLM (8000) defaults."""
 
 
 class SecuritySection(_Section):
-    allow_configure: bool = True
-    """false: the configure_worker tool refuses every call."""
-    allowed_hosts: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS)
+    allow_configure: bool | None = None
+    """Whether the configure_worker tool exists. Default (unset): on over stdio, where the one
+    client is the operator's own, off over HTTP, where every client would change the worker of
+    all the others."""
+    worker_origins: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: list(DEFAULT_WORKER_ORIGINS)
     )
-    """Hosts configure_worker may point a worker's base_url at (exact names, or '*.example.com' for
-    subdomains). Replaces the default: loopback plus each provider's official API host."""
+    """Origins configure_worker may point a worker at, besides the base URLs the operator wrote
+    (config file, flags, *_BASE_URL / *_URL environment variables): https://host[:port],
+    host:port, host (its default port only) or *.domain[:port]. Replaces the default."""
+
+    @field_validator("worker_origins")
+    @classmethod
+    def _origins(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            OriginRule.parse(entry)  # ValueError says which forms are allowed
+        return entries
+
+    def rules(self) -> tuple[OriginRule, ...]:
+        return tuple(OriginRule.parse(entry) for entry in self.worker_origins)
+
+    def configure_allowed(self, transport: str) -> bool:
+        return self.allow_configure if self.allow_configure is not None else transport == "stdio"
 
 
 class Config(_Section):
@@ -274,6 +299,8 @@ class Config(_Section):
 
 
 NO_SUCH_KEY = {
+    "security.allowed_hosts": "renamed to worker_origins, whose entries are origins (https://host[:port], "
+    "host:port, host or *.domain[:port]); a host without a port now allows its default port only, never any port",
     **{
         f"stages.{stage}.timeout_ms": f"the {stage} stage does its work at once, so it has no timeout "
         "(only stages.rag and stages.inference have timeout_ms; the request's deadline bounds everything)"

@@ -28,6 +28,7 @@ from mcp_orchestrator.pipeline.context import load_context_source
 from mcp_orchestrator.pipeline.pipeline import matches
 from mcp_orchestrator.pipeline.request import ChunkSink
 from mcp_orchestrator.resilience.retry import Clock
+from mcp_orchestrator.security import Origin, OriginRule
 from mcp_orchestrator.workers.base import Worker
 from mcp_orchestrator.workers.keys import host_of
 from mcp_orchestrator.workers.options import OPTION_NAMES, PARAMETER_OPTIONS
@@ -84,26 +85,42 @@ def build_context(
         base=generation_defaults(config),
         trusted=trusted,
         key_hosts=frozenset(configured_hosts(config)),
-        allowed_hosts=None if trusted else tuple(config.security.allowed_hosts),
+        origins=None if trusted else config.security.rules() + configured_origins(config),
     )
 
 
-def configured_hosts(config: Config) -> set[str]:
-    """Hosts the operator named in [stages.inference] (replicas and members included):
-    they may receive the API key even when a tool call later points a worker there."""
-    hosts: set[str] = set()
+def configured_urls(config: Config) -> list[str]:
+    """Every base URL the operator wrote in [stages.inference] (replicas and members included)."""
+    urls: list[str] = []
 
     def visit(options: dict[str, Any]) -> None:
         url = options.get("base_url")
         if isinstance(url, str):
-            hosts.add(host_of(url))
+            urls.append(url)
         for key in ("replicas", "members"):
             for member in options.get(key) or ():
                 if isinstance(member, dict):
                     visit(member)
 
     visit(config.stages.inference.model_dump(include={"base_url", "replicas", "members"}))
-    return hosts
+    return urls
+
+
+def configured_hosts(config: Config) -> set[str]:
+    """Hosts the operator named: they may receive the API key even when a tool call later points
+    a worker there."""
+    return {host_of(url) for url in configured_urls(config)}
+
+
+def configured_origins(config: Config) -> tuple[OriginRule, ...]:
+    """Origins the operator named: a tool call's worker may reach them."""
+    rules = []
+    for url in configured_urls(config):
+        try:
+            rules.append(OriginRule.parse(str(Origin.of(url))))
+        except ValueError:
+            continue  # not an http(s) URL: the worker it configures refuses it
+    return tuple(rules)
 
 
 def worker_from_config(config: Config, context: BuildContext | None = None) -> Worker:
@@ -167,7 +184,16 @@ class Orchestrator:
         worker = worker or worker_from_config(config, self.worker_context(trusted=True))
         self.pipeline = Pipeline(config, worker, context_source=self._context_source(config), clock=clock)
         self._reload_lock = anyio.Lock()
-        self.server = build_server(self)
+        surface = build_server(self)
+        self.server = surface.server
+        """The MCP server (serve it with cli.py, or connect `mcp.Client(orchestrator.server)` in process)."""
+        self._offer_configure_worker = surface.offer_configure_worker
+
+    @property
+    def configure_allowed(self) -> bool:
+        """Whether configure_worker is offered: [security] allow_configure, by default on over
+        stdio (the operator's own client) and off over HTTP (shared by many)."""
+        return self.config.security.configure_allowed(self.config.server.transport)
 
     def worker_context(self, *, trusted: bool, config: Config | None = None) -> BuildContext:
         """How this orchestrator's workers are built: its shared client and background reads,
@@ -257,6 +283,7 @@ class Orchestrator:
             # From here on nothing awaits and nothing fails: the rest switches in one step.
             self.pipeline.reconfigure(config, context_source)
             self.config = config
+            self._offer_configure_worker(self.configure_allowed)
             if config.observability.log_level != old.observability.log_level:
                 set_log_level(config.observability.log_level)
             return report

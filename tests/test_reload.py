@@ -99,7 +99,7 @@ def test_every_key_is_held_by_exactly_one_part(key: str) -> None:
         ("pipeline.dead_letter_capacity", False),
         ("resilience.retry_attempts", False),
         ("rate_limits.requests_per_second", False),
-        ("security.allowed_hosts", False),
+        ("security.worker_origins", False),
         ("observability.log_level", False),
     ],
 )
@@ -398,13 +398,16 @@ async def test_rate_limit_keys(tmp_path: Path) -> None:
 async def test_security_and_log_level_keys(tmp_path: Path) -> None:
     async with reloading(tmp_path, BASE) as live:
         elsewhere = {"kind": "llama_cpp", "base_url": "http://no-such-host.invalid:9"}
-        assert "is not allowed for configure_worker" in error_text(
+        assert "is not an origin configure_worker may reach" in error_text(
             await live.client.call_tool("configure_worker", elsewhere)
         )
-        await live.hup(BASE + '[security]\nallowed_hosts = ["no-such-host.invalid"]\n')
+        await live.hup(BASE + '[security]\nworker_origins = ["no-such-host.invalid:9"]\n')
         assert "failed its health check" in error_text(await live.client.call_tool("configure_worker", elsewhere))
         await live.hup(BASE + "[security]\nallow_configure = false\n")
         assert "allow_configure" in error_text(await live.client.call_tool("configure_worker", {"kind": "echo"}))
+        assert "configure_worker" not in {tool.name for tool in (await live.client.list_tools()).tools}
+        await live.hup(BASE + "[security]\nallow_configure = true\n")
+        assert "configure_worker" in {tool.name for tool in (await live.client.list_tools()).tools}
 
         assert not logging.getLogger("mcp_orchestrator").isEnabledFor(logging.DEBUG)
         await live.hup(BASE + '[observability]\nlog_level = "debug"\n')

@@ -15,56 +15,87 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mcp_orchestrator.cli import main
-from mcp_orchestrator.config import DEFAULT_ALLOWED_HOSTS, Config
-from mcp_orchestrator.security import REDACTED, host_allowed, is_secret_name, redact, redact_text
+from mcp_orchestrator.config import Config
+from mcp_orchestrator.errors import ConfigError
+from mcp_orchestrator.security import REDACTED, OriginRule, is_secret_name, origin_allowed, redact, redact_text
 from tests.conftest import error_text, make_config, running, status_of
 
-# ---------------------------------------------------------------------------- the host policy
+# ---------------------------------------------------------------------------- the origin policy
 
 label = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
 hostnames = st.lists(label, min_size=1, max_size=4).map(".".join)
+DEFAULT_RULES = Config().security.rules()
 
 
 @pytest.mark.parametrize(
-    ("host", "allowed"),
+    ("url", "allowed"),
     [
-        ("localhost", True),
-        ("LOCALHOST", True),
-        ("127.0.0.1", True),
-        ("[::1]", True),
-        ("api.openai.com", True),
-        ("api.openai.com.", True),
-        ("api.anthropic.com", True),
-        ("evil.com", False),
-        ("api.openai.com.evil.com", False),
-        ("evilapi.openai.com", False),
-        ("localhost.evil.com", False),
-        ("127.0.0.2", False),
+        ("https://api.openai.com/v1", True),
+        ("https://API.openai.com./v1", True),
+        ("https://api.anthropic.com", True),
+        ("http://localhost:8080", True),
+        ("http://127.0.0.1:8080/v1", True),
+        ("http://localhost:8000", True),
+        ("http://api.openai.com/v1", False),  # the provider's API is HTTPS only
+        ("https://api.openai.com:8443/v1", False),
+        ("http://localhost:18777", False),  # loopback is not "any port" any more
+        ("http://localhost", False),
+        ("http://127.0.0.2:8080", False),
+        ("https://api.openai.com.evil.com/v1", False),
+        ("https://evilapi.openai.com/v1", False),
+        ("ftp://localhost:8080", False),
         ("", False),
     ],
 )
-def test_default_hosts(host: str, allowed: bool) -> None:
-    assert host_allowed(host, DEFAULT_ALLOWED_HOSTS) is allowed
+def test_default_origins(url: str, allowed: bool) -> None:
+    assert origin_allowed(url, DEFAULT_RULES) is allowed
 
 
-def test_wildcard_means_subdomains_only() -> None:
-    allowed = ["*.corp.example"]
-    assert host_allowed("llm.corp.example", allowed)
-    assert host_allowed("a.b.corp.example", allowed)
-    assert not host_allowed("corp.example", allowed)
-    assert not host_allowed("evilcorp.example", allowed)
-    assert not host_allowed(".corp.example", allowed)
+@pytest.mark.parametrize(
+    ("entry", "yes", "no"),
+    [
+        (
+            "llm.corp.test:9000",
+            ["http://llm.corp.test:9000", "https://llm.corp.test:9000/v1"],
+            ["http://llm.corp.test"],
+        ),
+        ("llm.corp.test", ["http://llm.corp.test", "https://llm.corp.test"], ["http://llm.corp.test:8080"]),
+        ("https://llm.corp.test", ["https://llm.corp.test/v1"], ["http://llm.corp.test", "https://llm.corp.test:1"]),
+        (
+            "*.corp.test",
+            ["https://a.corp.test", "http://a.b.corp.test"],
+            ["https://corp.test", "https://evilcorp.test"],
+        ),
+        ("*.corp.test:8080", ["http://a.corp.test:8080"], ["http://a.corp.test"]),
+        ("[::1]:8080", ["http://[::1]:8080"], ["http://[::1]:8081"]),
+    ],
+)
+def test_entry_forms(entry: str, yes: list[str], no: list[str]) -> None:
+    rules = [OriginRule.parse(entry)]
+    assert all(origin_allowed(url, rules) for url in yes)
+    assert not any(origin_allowed(url, rules) for url in no)
 
 
-@given(host=hostnames, allowed=st.lists(hostnames, max_size=5))
-def test_exact_entries_match_only_themselves(host: str, allowed: list[str]) -> None:
-    assert host_allowed(host, allowed) == (host in allowed)
+@pytest.mark.parametrize("entry", ["http://x/path", "*.", "a:b", "localhost:0", "localhost:99999", "ftp://x", "x/y"])
+def test_bad_entries_are_refused_at_load(entry: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_config(security={"worker_origins": [entry]})
+    assert "security.worker_origins" in str(caught.value)
 
 
-@given(host=hostnames, suffix=hostnames)
-def test_an_allowed_host_never_admits_a_longer_name(host: str, suffix: str) -> None:
-    assert not host_allowed(f"{host}.{suffix}", [host])
-    assert not host_allowed(f"{suffix}{host}", [host])
+@given(host=hostnames, other=hostnames, port=st.integers(1, 65535))
+def test_an_entry_admits_its_own_origin_only(host: str, other: str, port: int) -> None:
+    rules = [OriginRule.parse(f"{host}:{port}")]
+    assert origin_allowed(f"http://{host}:{port}", rules)
+    assert not origin_allowed(f"http://{host}.{other}:{port}", rules)
+    assert not origin_allowed(f"http://{other}{host}:{port}", rules) or other + host == host
+    assert not origin_allowed(f"http://{host}:{port % 65535 + 1}", rules)
+
+
+def test_the_old_key_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_config(security={"allowed_hosts": ["localhost"]})
+    assert "security.allowed_hosts: not a key: renamed to worker_origins" in str(caught.value)
 
 
 # ---------------------------------------------------------------------------- redaction
@@ -124,7 +155,7 @@ def test_check_config_prints_resolved_settings_redacted(capsys: pytest.CaptureFi
     path.write_text(
         '[stages.inference]\nworker = "llama_cpp"\nbase_url = "http://user:TOPSECRET-url@127.0.0.1:9/"\n'
         "[resilience]\ncircuit_breaker_threshold = 3\n"
-        '[security]\nallowed_hosts = ["localhost", "*.corp.example"]\n',
+        '[security]\nworker_origins = ["localhost:8080", "*.corp.example"]\n',
         encoding="utf-8",
     )
     code = main(["--config", str(path), "--check-config"])
@@ -133,14 +164,14 @@ def test_check_config_prints_resolved_settings_redacted(capsys: pytest.CaptureFi
     assert "TOPSECRET" not in out + err
     settings = json.loads(out)
     assert settings["resilience"] == {**Config().resilience.model_dump(), "circuit_breaker_threshold": 3}
-    assert settings["security"] == {"allow_configure": True, "allowed_hosts": ["localhost", "*.corp.example"]}
+    assert settings["security"] == {"allow_configure": None, "worker_origins": ["localhost:8080", "*.corp.example"]}
 
 
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [
         ("[resilience]\nretry_atempts = 2\n", "resilience.retry_atempts: unknown key; did you mean 'retry_attempts'?"),
-        ("[security]\nallowed_host = []\n", "security.allowed_host: unknown key; did you mean 'allowed_hosts'?"),
+        ("[security]\nworker_origin = []\n", "security.worker_origin: unknown key; did you mean 'worker_origins'?"),
         ("[resilience]\ncircuit_breaker_success_rate = 1.5\n", "resilience.circuit_breaker_success_rate:"),
         ("[resilience]\nretry_base_ms = 9000\n", "retry_base_ms (9000) must not be greater than retry_max_ms (5000)"),
         ("[stages.inference.http]\nconect_timeout_s = 1\n", "stages.inference.http.conect_timeout_s: unknown key"),
@@ -173,35 +204,74 @@ def test_config_errors_name_the_key(
         {"kind": "open_ai", "base_url": "https://evil.example/v1"},
         {"kind": "anthropic", "base_url": "https://api.anthropic.com.evil.example"},
         {"kind": "llama_cpp", "base_url": "http://10.0.0.7:8080"},
+        {"kind": "llama_cpp", "base_url": "http://127.0.0.1:18777"},
         {"kind": "pool", "replicas": [{"kind": "echo"}, {"kind": "open_ai", "base_url": "http://evil.example/v1"}]},
         {"kind": "fallback", "members": [{"kind": "vllm", "base_url": "http://attacker.test:8000"}]},
     ],
 )
-async def test_configure_worker_refuses_hosts_outside_allowed_hosts(options: dict[str, Any]) -> None:
+async def test_configure_worker_refuses_origins_nobody_named(options: dict[str, Any]) -> None:
     async with running() as (orchestrator, client):
         before = (await status_of(client))["worker"]
-        result = await client.call_tool("configure_worker", options)
-        message = error_text(result)
+        message = error_text(await client.call_tool("configure_worker", options))
         assert "base_url" in message
-        assert "not allowed" in message
-        assert "allowed_hosts" in message
+        assert "is not an origin configure_worker may reach" in message
+        assert "https://api.openai.com" in message and "[security] worker_origins" in message
         assert (await status_of(client))["worker"] == before
         assert orchestrator.pipeline.worker.kind == "echo"
 
 
 @pytest.mark.anyio
-async def test_allowed_hosts_from_the_config_file_replace_the_default() -> None:
-    config = make_config(security={"allowed_hosts": ["*.corp.test"]})
+async def test_worker_origins_from_the_config_file_replace_the_default() -> None:
+    config = make_config(security={"worker_origins": ["*.corp.test:9"]})
     async with running(config) as (_, client):
-        result = await client.call_tool("configure_worker", {"kind": "llama_cpp", "base_url": "http://localhost:9"})
-        assert "not allowed" in error_text(result)  # the list replaces the default: loopback is out now
+        result = await client.call_tool("configure_worker", {"kind": "llama_cpp", "base_url": "http://localhost:8080"})
+        assert "is not an origin" in error_text(result)  # the list replaces the default
         result = await client.call_tool("configure_worker", {"kind": "llama_cpp", "base_url": "http://llm.corp.test:9"})
-        assert "not allowed" not in error_text(result)  # allowed; fails later, at the health check
+        assert "failed its health check" in error_text(result)  # allowed; no such host, though
 
 
 @pytest.mark.anyio
-async def test_configure_worker_can_be_disabled() -> None:
+async def test_origins_the_operator_wrote_are_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A base URL in the config (a replica's too) or a provider's URL variable names an origin."""
+    monkeypatch.setenv("VLLM_URL", "http://gpu-box.invalid:8001")
+    config = make_config(
+        stages={
+            "inference": {
+                "worker": "pool",
+                "replicas": [{"kind": "echo"}, {"kind": "llama_cpp", "base_url": "http://box.invalid:7000"}],
+            }
+        },
+        security={"worker_origins": []},
+    )
+    async with running(config) as (_, client):
+        for options in (
+            {"kind": "llama_cpp", "base_url": "http://box.invalid:7000/v1"},
+            {"kind": "llama_cpp", "base_url": "http://gpu-box.invalid:8001"},
+            {"kind": "vllm"},  # VLLM_URL itself
+        ):
+            assert "failed its health check" in error_text(await client.call_tool("configure_worker", options))
+        refused = await client.call_tool(
+            "configure_worker", {"kind": "llama_cpp", "base_url": "http://box.invalid:7001"}
+        )
+        assert "is not an origin" in error_text(refused)
+        assert "(allowed: http://box.invalid:7000, http://gpu-box.invalid:8001;" in error_text(refused)
+
+
+@pytest.mark.anyio
+async def test_configure_worker_can_be_disabled_and_is_then_not_listed() -> None:
     async with running(make_config(security={"allow_configure": False})) as (orchestrator, client):
-        message = error_text(await client.call_tool("configure_worker", {"kind": "echo", "model": "other"}))
-        assert message.endswith("configure_worker is disabled by [security] allow_configure = false")
+        listed = {tool.name for tool in (await client.list_tools()).tools}
+        result = await client.call_tool("configure_worker", {"kind": "echo", "model": "other"})
+        assert result.is_error
         assert orchestrator.pipeline.worker.model == "echo"
+    assert "configure_worker" not in listed
+
+
+@pytest.mark.anyio
+async def test_configure_worker_is_off_by_default_over_http_and_on_over_stdio() -> None:
+    async with running(make_config(server={"transport": "http"})) as (_, client):
+        assert "configure_worker" not in {tool.name for tool in (await client.list_tools()).tools}
+    async with running(make_config(server={"transport": "http"}, security={"allow_configure": True})) as (_, client):
+        assert "configure_worker" in {tool.name for tool in (await client.list_tools()).tools}
+    async with running() as (_, client):
+        assert "configure_worker" in {tool.name for tool in (await client.list_tools()).tools}

@@ -156,7 +156,8 @@ async def test_configure_worker_builds_pools_and_chains_and_checks_their_health(
     llama: LlamaServer, fault_server: FaultServer
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    async with running(make_config(resilience={"retry_attempts": 0})) as (_, client):
+    allowed = {"worker_origins": [llama.root.removeprefix("http://"), dead.removeprefix("http://")]}
+    async with running(make_config(resilience={"retry_attempts": 0}, security=allowed)) as (_, client):
         pool = await client.call_tool(
             "configure_worker",
             {

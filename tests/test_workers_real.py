@@ -96,7 +96,9 @@ async def test_parameters_come_from_the_call_then_configure_worker_then_the_conf
     fault_server: FaultServer,
 ) -> None:
     config = make_config(
-        stages={"inference": {"max_tokens": 6, "temperature": 0.3, "top_p": 0.9}}, resilience={"retry_attempts": 0}
+        stages={"inference": {"max_tokens": 6, "temperature": 0.3, "top_p": 0.9}},
+        resilience={"retry_attempts": 0},
+        security=origins(fault_server.root),
     )
     async with running(config) as (_, client):
         configured = await client.call_tool(
@@ -124,8 +126,14 @@ async def test_parameters_come_from_the_call_then_configure_worker_then_the_conf
     assert second["usage"]["output_tokens"] <= 3
 
 
+def origins(*urls: str) -> dict[str, Any]:
+    """[security] allowing these origins to configure_worker (the servers here listen on random ports)."""
+    return {"worker_origins": [url.split("://", 1)[1].split("/", 1)[0] for url in urls]}
+
+
 async def test_configure_worker_swaps_to_each_kind_while_traffic_runs(llama: LlamaServer) -> None:
-    async with running(make_config(resilience={"retry_attempts": 0})) as (_, client):
+    config = make_config(resilience={"retry_attempts": 0}, security=origins(llama.root))
+    async with running(config) as (_, client):
         results: list[Any] = []
         done = anyio.Event()
 
@@ -156,10 +164,11 @@ async def test_configure_worker_swaps_to_each_kind_while_traffic_runs(llama: Lla
 
 
 async def test_configure_worker_refuses_an_unreachable_backend_and_keeps_the_old_one(llama: LlamaServer) -> None:
-    async with running(make_config(resilience={"retry_attempts": 0})) as (_, client):
+    dead = f"http://127.0.0.1:{free_port()}"
+    config = make_config(resilience={"retry_attempts": 0}, security=origins(llama.root, dead))
+    async with running(config) as (_, client):
         ok = await client.call_tool("configure_worker", {"kind": "llama_cpp", "base_url": llama.root})
         assert not ok.is_error, error_text(ok)
-        dead = f"http://127.0.0.1:{free_port()}"
         for kind in KINDS:
             refused = await client.call_tool("configure_worker", {"kind": kind, "base_url": base_url(kind, dead)})
             message = error_text(refused)
@@ -171,12 +180,13 @@ async def test_configure_worker_refuses_an_unreachable_backend_and_keeps_the_old
         assert (await infer(client, max_tokens=2))["worker"] == "llama_cpp"
 
 
-async def test_configure_worker_refuses_hosts_outside_allowed_hosts_without_contacting_them() -> None:
-    async with running() as (_, client):
-        refused = await client.call_tool(
-            "configure_worker", {"kind": "open_ai", "base_url": "https://attacker.example/v1"}
-        )
-        message = error_text(refused)
-        assert "base_url: host 'attacker.example' is not allowed" in message
-        assert "[security] allowed_hosts" in message
+async def test_configure_worker_refuses_origins_nobody_named_without_contacting_them(llama: LlamaServer) -> None:
+    async with running() as (_, client):  # the default origins: llama-server here is on a random port
+        for options in (
+            {"kind": "open_ai", "base_url": "https://attacker.example/v1"},
+            {"kind": "llama_cpp", "base_url": llama.root},
+        ):
+            message = error_text(await client.call_tool("configure_worker", options))
+            assert "base_url: " in message and "is not an origin configure_worker may reach" in message
+            assert "[security] worker_origins" in message
         assert (await status_of(client))["worker"]["kind"] == "echo"

@@ -3,6 +3,7 @@ key trust, the hash ring, and pool/fallback choices over real (echo) workers."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from mcp_orchestrator.errors import WorkerSpecError
 from mcp_orchestrator.models import GenerationParams, Message
+from mcp_orchestrator.security import OriginRule
 from mcp_orchestrator.workers.base import WorkerError, WorkerRequest, layer_params
 from mcp_orchestrator.workers.echo import EchoWorker
 from mcp_orchestrator.workers.hashring import HashRing
@@ -82,13 +84,20 @@ def test_status_error_names_status_message_and_retry_after_but_never_the_key() -
             "overloaded_error: Overloaded",
         ),
         (b'{"object": "error", "message": "model not found", "code": 404}', "model not found"),  # vLLM
-        (b'{"detail": "Not Found"}', "Not Found"),
-        (b"<html>Bad Gateway</html>", "<html>Bad Gateway</html>"),
-        (b"", "(empty body)"),
+        (b'{"error": {"code": 400, "message": "bad\\u0007 input\\n\\u202eok", "type": "x"}}', "x: bad input ok"),
+        # Anything else is described, never shown: it may be any service's page.
+        (b'{"detail": "root:x:0:0 SECRET"}', "JSON body without an error message of 31 bytes (not shown)"),
+        (b"<html>root:x:0:0 SECRET</html>", "non-JSON body of 30 bytes (not shown)"),
+        (b"", "empty body"),
     ],
 )
-def test_backend_message_understands_each_error_shape(body: bytes, expected: str) -> None:
-    assert backend_message(body) == expected
+def test_backend_message_shows_only_a_providers_error_shape(body: bytes, expected: str) -> None:
+    assert backend_message("backend", body) == expected
+
+
+def test_a_providers_message_is_cut_short() -> None:
+    body = json.dumps({"error": {"message": "x" * 5000}}).encode()
+    assert len(backend_message("backend", body)) <= 300
 
 
 def test_redact_and_credentials_in_urls() -> None:
@@ -142,15 +151,20 @@ def test_bad_options_are_named_with_what_is_allowed(kind: str, options: dict[str
         assert fragment in str(caught.value), f"{fragment!r} not in {caught.value}"
 
 
-def test_a_tool_call_cannot_choose_the_key_variable_or_an_unlisted_host() -> None:
-    untrusted = BuildContext(trusted=False, allowed_hosts=("localhost", "127.0.0.1", "*.corp.example"))
+def test_a_tool_call_cannot_choose_the_key_variable_or_an_unlisted_origin() -> None:
+    rules = tuple(OriginRule.parse(entry) for entry in ("localhost:8080", "*.corp.example:8000"))
+    untrusted = BuildContext(trusted=False, origins=rules, env={"VLLM_URL": "http://gpu9.lan:7000"})
     with pytest.raises(WorkerSpecError, match="api_key_env: can only be set in the config file"):
         build_worker("open_ai", {"api_key_env": "AWS_SECRET_ACCESS_KEY"}, untrusted)
     with pytest.raises(WorkerSpecError, match=r"replicas\.0\.api_key_env: can only be set in the config file"):
         build_worker("pool", {"replicas": [{"kind": "open_ai", "api_key_env": "X"}]}, untrusted)
-    with pytest.raises(WorkerSpecError, match=r"base_url: host 'evil\.example' is not allowed"):
+    with pytest.raises(WorkerSpecError, match=r"base_url: https://evil\.example is not an origin"):
         build_worker("open_ai", {"base_url": "https://evil.example/v1"}, untrusted)
+    with pytest.raises(WorkerSpecError, match=r"https://api\.openai\.com is not an origin"):
+        build_worker("open_ai", {}, untrusted)  # the default URL is checked too: the list left it out
     build_worker("vllm", {"base_url": "http://gpu1.corp.example:8000"}, untrusted)  # wildcard match
+    build_worker("llama_cpp", {"base_url": "http://localhost:8080/v1"}, untrusted)
+    build_worker("vllm", {}, untrusted)  # VLLM_URL names its origin
 
 
 def test_keys_go_only_to_trusted_hosts() -> None:

@@ -4,6 +4,6 @@ streamed chunks as progress (progress.py), and the streamable HTTP app (http.py)
 It calls the orchestrator and shapes its answers; nothing below it knows about MCP.
 """
 
-from mcp_orchestrator.server.tools import build_server
+from mcp_orchestrator.server.tools import Surface, build_server
 
-__all__ = ["build_server"]
+__all__ = ["Surface", "build_server"]

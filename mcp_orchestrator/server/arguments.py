@@ -61,6 +61,15 @@ class ArgumentCheck:
     def __init__(self) -> None:
         self._models: dict[str, type[BaseModel]] = {}
         self._extra: dict[str, ExtraCheck] = {}
+        self._withdrawn: dict[str, str] = {}
+        """Tools taken off the list, and why (a client may still call one from an old list)."""
+
+    def withdraw(self, tool: str, reason: str | None) -> None:
+        """Answer calls of `tool` with `reason` (None: it is offered again)."""
+        if reason is None:
+            self._withdrawn.pop(tool, None)
+        else:
+            self._withdrawn[tool] = reason
 
     def add(self, tool: str, function: Callable[..., Any], extra: ExtraCheck | None = None) -> None:
         self._models[tool] = arguments_model(tool, function)
@@ -72,6 +81,8 @@ class ArgumentCheck:
             return await call_next(ctx)
         name = ctx.params.get("name")
         arguments = ctx.params.get("arguments") or {}
+        if isinstance(name, str) and name in self._withdrawn:
+            return CallToolResult(content=[TextContent(type="text", text=self._withdrawn[name])], is_error=True)
         model = self._models.get(name) if isinstance(name, str) else None
         if model is None or not isinstance(name, str) or not isinstance(arguments, dict):
             return await call_next(ctx)

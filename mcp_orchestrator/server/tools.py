@@ -13,6 +13,7 @@ signatures, whose constraints use values from the config.
 import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -97,7 +98,15 @@ def _answer(result: InferResult) -> CallToolResult:
     )
 
 
-def build_server(orchestrator: "Orchestrator") -> MCPServer:
+@dataclass(frozen=True)
+class Surface:
+    """The MCP server, and the switch that lists configure_worker or not ([security] allow_configure)."""
+
+    server: MCPServer
+    offer_configure_worker: Callable[[bool], None]
+
+
+def build_server(orchestrator: "Orchestrator") -> Surface:
     config = orchestrator.config
     max_prompt = config.pipeline.max_prompt_chars
     max_deadline = config.pipeline.max_deadline_ms
@@ -234,16 +243,19 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
         ctx: Context,
         id: Annotated[str, Field(min_length=1, max_length=64, description="A dead letter id such as dl-12.")],
     ) -> Annotated[CallToolResult, InferOutput]:
-        """Submit a dead letter's original request again and return its result."""
+        """Run a dead letter's original request again (its prompt, parameters, priority and session)
+        and return its result. A replay always reaches the backend: it neither answers from the
+        cache nor joins an identical request in flight."""
         entry = orchestrator.pipeline.dead_letters.get(id)
         if entry is None:
             raise ToolError(f"id: no dead letter {id!r} (it may have been dropped; list them with dead_letters)")
-        submission = entry.submission
+        # A replay is a new attempt at the backend: an answer cached since would not be one.
+        submission = entry.submission.model_copy(update={"cache": False, "dedup": False})
         return _answer(await with_progress(ctx, lambda on_chunk: orchestrator.infer(submission, on_chunk)))
 
     async def configure_worker(kind: str, **options: Any) -> WorkerDescription:
-        if not orchestrator.config.security.allow_configure:  # read per call: a config reload may change it
-            raise ToolError("configure_worker is disabled by [security] allow_configure = false")
+        if not orchestrator.configure_allowed:  # a client may call it from a tool list read before a reload
+            raise ToolError("configure_worker is disabled by [security] allow_configure")
         try:
             worker, previous = await orchestrator.configure_worker(kind, options)
         except (WorkerError, TimeoutError) as exc:
@@ -258,16 +270,28 @@ def build_server(orchestrator: "Orchestrator") -> MCPServer:
         nothing changes. Parameters given here are the worker's defaults: a call's own
         max_tokens/temperature/... override them, and they override the config's.
         API keys come from the server's environment only (never from this tool)."""
-    tool(
-        _worker_option_problems,
-        title="Configure the inference worker",
-        annotations=ToolAnnotations(
-            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
-        ),
-    )(configure_worker)
+    offered = False
 
+    def offer_configure_worker(offer: bool) -> None:
+        """List configure_worker or not: a disabled tool is not shown to the model at all."""
+        nonlocal offered
+        if offer and not offered:
+            tool(
+                _worker_option_problems,
+                title="Configure the inference worker",
+                annotations=ToolAnnotations(
+                    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
+                ),
+            )(configure_worker)
+        elif offered and not offer:
+            server.remove_tool("configure_worker")
+        reason = "configure_worker is disabled by [security] allow_configure (off by default over HTTP)"
+        arguments.withdraw("configure_worker", None if offer else reason)
+        offered = offer
+
+    offer_configure_worker(orchestrator.configure_allowed)
     server.middleware.append(arguments)
-    return server
+    return Surface(server, offer_configure_worker)
 
 
 def _worker_option_problems(arguments: dict[str, Any]) -> list[Problem]:

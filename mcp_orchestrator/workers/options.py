@@ -34,7 +34,8 @@ class WorkerOptions(BaseModel):
     base_url: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
     """HTTP kinds: where the backend is, e.g. http://localhost:8080 (llama_cpp) or https://api.openai.com/v1
     (open_ai). Default: the kind's environment variable (OPENAI_BASE_URL, ANTHROPIC_BASE_URL, LLAMA_CPP_URL,
-    VLLM_URL), else the provider's own address."""
+    VLLM_URL), else the provider's own address. A tool call may only name an origin the operator allowed
+    ([security] worker_origins, or a base URL of the config file or those variables)."""
     max_tokens: MaxTokens | None = None
     """Cap on generated tokens."""
     temperature: Temperature | None = None

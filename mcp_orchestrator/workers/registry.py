@@ -13,14 +13,13 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx2
 from pydantic import ValidationError
 
 from mcp_orchestrator.errors import Problem, WorkerSpecError, validation_problems
 from mcp_orchestrator.models import GenerationParams
-from mcp_orchestrator.security import host_allowed
+from mcp_orchestrator.security import Origin, OriginRule, origin_allowed
 from mcp_orchestrator.workers import anthropic, llama_cpp, openai, vllm
 from mcp_orchestrator.workers.base import Worker, layer_params
 from mcp_orchestrator.workers.echo import EchoWorker
@@ -54,8 +53,9 @@ class BuildContext:
     trusted: bool = True
     key_hosts: frozenset[str] = frozenset()
     """Hosts the operator configured: they may receive the API key even from a tool call's worker."""
-    allowed_hosts: tuple[str, ...] | None = None
-    """Host names a tool call's base_url may point at (exact, or '*.example.com'); None: any."""
+    origins: tuple[OriginRule, ...] | None = None
+    """Where a tool call's worker may connect (with the providers' base-URL environment
+    variables, see `reachable`); None: anywhere (the operator's own config)."""
     depth: int = 0
 
 
@@ -177,10 +177,10 @@ class _Provider:
 
 def _http_builder(provider: _Provider) -> Builder:
     def build(options: WorkerOptions, context: BuildContext) -> Worker:
-        if options.base_url is not None and context.allowed_hosts is not None:
-            _check_host_allowed(options.base_url, context.allowed_hosts)
         env_url = context.env.get(provider.url_env) or None
         base_url = provider.normalize(options.base_url or env_url or provider.default_url)
+        if context.origins is not None:
+            _check_reachable(base_url, context)
         trusted_hosts = {host_of(provider.default_url), *context.key_hosts}
         if env_url:
             trusted_hosts.add(host_of(env_url))
@@ -207,17 +207,40 @@ def _http_builder(provider: _Provider) -> Builder:
     return build
 
 
-def _check_host_allowed(url: str, allowed: tuple[str, ...]) -> None:
-    """Refuse a tool call's base_url outside [security] allowed_hosts (no requests to arbitrary hosts)."""
-    host = urlsplit(url).hostname or ""
-    if host_allowed(host, allowed):
+URL_VARIABLES = ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "LLAMA_CPP_URL", "VLLM_URL")
+"""The providers' base-URL environment variables: the operator names an origin by setting one."""
+
+
+def reachable(context: BuildContext) -> tuple[OriginRule, ...]:
+    """The origins a tool call's worker may reach: the context's rules plus the origin of every
+    provider base-URL environment variable that is set."""
+    rules = list(context.origins or ())
+    for name in URL_VARIABLES:
+        value = context.env.get(name)
+        if value:
+            try:
+                rules.append(OriginRule.parse(str(Origin.of(value))))
+            except ValueError:
+                pass  # not a URL: the worker that reads it refuses it anyway
+    return tuple(rules)
+
+
+def _check_reachable(url: str, context: BuildContext) -> None:
+    """Refuse a tool call's worker an origin the operator did not name: no request is sent."""
+    rules = reachable(context)
+    if origin_allowed(url, rules):
         return
+    try:
+        where = str(Origin.of(url))
+    except ValueError:
+        where = url
+    allowed = ", ".join(rule.text for rule in rules) or "none"
     raise WorkerSpecError(
         [
             Problem(
                 "base_url",
-                f"host {host!r} is not allowed for configure_worker (allowed: {', '.join(allowed) or 'none'}; "
-                "the operator can extend [security] allowed_hosts)",
+                f"{where} is not an origin configure_worker may reach (allowed: {allowed}; the operator adds one "
+                "to [security] worker_origins, or names it in the config file or a *_BASE_URL / *_URL variable)",
             )
         ]
     )

@@ -1,9 +1,17 @@
 """Backend failures -> WorkerError: which are worth retrying, how long the backend asked
-us to wait, and what the backend itself said (never a credential)."""
+us to wait, and what the backend itself said.
+
+What a backend sends back reaches the model that called the tool, so only a provider's own
+error shape is shown (`{"error": {"message": ..., "type": ...}}` and the like), cut to a
+few hundred characters with control characters removed and keys redacted. Any other body
+(an HTML page, some service's JSON) is described by its size only; the body itself goes to
+the debug log, never to a client.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -14,7 +22,9 @@ from mcp_orchestrator.security import redact_secrets as redact
 
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 529})
 """Besides every 5xx: timeouts, conflicts, too early, rate limited, overloaded (Anthropic's 529)."""
-MAX_MESSAGE_CHARS = 400
+MAX_MESSAGE_CHARS = 300
+log = logging.getLogger(__name__)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 
 _HINTS = {
     401: "the backend rejected the credentials",
@@ -54,36 +64,56 @@ def parse_retry_after(headers: Mapping[str, str], now: datetime | None = None) -
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def backend_message(body: bytes) -> str:
-    """The backend's own explanation from an error body (OpenAI, Anthropic, vLLM or plain text)."""
-    text = body.decode("utf-8", errors="replace").strip()
+def backend_message(backend: str, body: bytes, secrets: Iterable[str] = ()) -> str:
+    """The provider's own explanation from an error body, or what kind of body it was (not its text)."""
+    message = provider_message(body)
+    if message is not None:
+        return _shorten(redact(message, secrets))
+    log.debug(
+        "%s: error body not shown to the caller: %r", backend, redact(body[:4096].decode("utf-8", "replace"), secrets)
+    )
+    if not body.strip():
+        return "empty body"
+    return f"{_body_kind(body)} of {len(body)} bytes (not shown)"
+
+
+def provider_message(body: bytes | str) -> str | None:
+    """`type: message` from a provider's JSON error shape (OpenAI, Anthropic, llama.cpp, vLLM);
+    None for any other body."""
     try:
-        data = json.loads(text)
+        data = json.loads(body)
     except ValueError:
-        return _shorten(text) or "(empty body)"
-    return _shorten(_message_from_json(data) or text)
+        return None
+    return _message_from_json(data)
+
+
+def _body_kind(body: bytes) -> str:
+    try:
+        json.loads(body)
+    except ValueError:
+        return "non-JSON body"
+    return "JSON body without an error message"
 
 
 def _message_from_json(data: object) -> str | None:
     if not isinstance(data, dict):
         return None
     error = data.get("error")
-    if isinstance(error, dict):
+    if isinstance(error, dict):  # OpenAI, Anthropic, llama.cpp
         message = error.get("message")
         kind = error.get("type")
         if isinstance(message, str):
             return f"{kind}: {message}" if isinstance(kind, str) and kind else message
     if isinstance(error, str):
         return error
-    for key in ("message", "detail"):
-        value = data.get(key)
-        if isinstance(value, str):
-            return value
+    if data.get("object") == "error" and isinstance(data.get("message"), str):  # vLLM
+        kind = data.get("type")
+        return f"{kind}: {data['message']}" if isinstance(kind, str) and kind else str(data["message"])
     return None
 
 
 def _shorten(text: str) -> str:
-    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+", " ", _CONTROL.sub(" ", text)).strip()
     return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
@@ -96,7 +126,7 @@ def status_error(
     key_hint: str | None = None,
 ) -> WorkerError:
     """The WorkerError for an HTTP error response."""
-    message = redact(backend_message(body), secrets)
+    message = backend_message(backend, body, secrets)
     hint = _HINTS.get(status)
     if status in (401, 403) and key_hint:
         hint = f"{hint}; {key_hint}"
@@ -113,7 +143,10 @@ def event_error(backend: str, payload: dict[str, object], secrets: Iterable[str]
     OpenAI-style servers send `{"error": {"code": 500, ...}}`; Anthropic sends an `error`
     event whose type says whether it is transient (overloaded_error, api_error).
     """
-    message = redact(_message_from_json(payload) or json.dumps(payload)[:MAX_MESSAGE_CHARS], secrets)
+    found = _message_from_json(payload)
+    if found is None:
+        log.debug("%s: error event not shown to the caller: %r", backend, redact(json.dumps(payload)[:4096], secrets))
+    message = _shorten(redact(found, secrets)) if found is not None else "an error event without a message"
     error = payload.get("error")
     status: int | None = None
     kind = ""
@@ -137,7 +170,7 @@ def transport_error(
 
 
 def malformed(backend: str, what: str, sample: str, secrets: Iterable[str] = ()) -> WorkerError:
-    """The backend answered with something that is not its wire format. Not retried:
-    a server that sends garbage once will most likely send it again."""
-    shown = _shorten(redact(sample, secrets))[:120]
-    return WorkerError(backend, f"malformed response: {what} (got {shown!r})", retryable=False)
+    """The backend answered with something that is not its wire format. Not retried: a server
+    that sends garbage once will most likely send it again. What it sent goes to the debug log."""
+    log.debug("%s: malformed response (%s): %r", backend, what, redact(sample[:4096], secrets))
+    return WorkerError(backend, f"malformed response: {what} ({len(sample)} characters, not shown)", retryable=False)
