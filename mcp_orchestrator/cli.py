@@ -26,6 +26,24 @@ log = logging.getLogger("mcp_orchestrator")
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+STOP_TIMEOUT_S = 5.0
+
+
+EPILOG = """examples:
+  mcp-orchestrator                                   echo worker over stdio (what Claude Desktop starts)
+  mcp-orchestrator --worker llama_cpp --base-url http://127.0.0.1:8080
+  mcp-orchestrator --config examples/openai.toml --transport http --port 8000
+  mcp-orchestrator --check-config --config my.toml    validate, print the resolved settings, exit
+
+environment:
+  OPENAI_API_KEY, ANTHROPIC_API_KEY     API keys (never accepted from a tool call)
+  OPENAI_BASE_URL, ANTHROPIC_BASE_URL, LLAMA_CPP_URL, VLLM_URL   where the backends are
+  MCP_ORCHESTRATOR_TOKEN                HTTP mode: require "Authorization: Bearer <token>"
+
+signals:
+  SIGHUP reloads the --config file (flags still apply on top); a bad file keeps the running config.
+
+every key, tool and argument: docs/ in the repository (configuration.md, tools.md)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mcp-orchestrator",
         description="An MCP server that runs prompts through a production LLM pipeline "
         "(RAG -> assemble -> inference -> post-process -> stream). Flags override the config file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mcp-orchestrator {__version__}")
     parser.add_argument("--config", metavar="FILE", help="TOML config file (see README for every key)")
@@ -163,26 +183,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.observability.log_level, config.observability.log_format)
     # SIGHUP reloads the file, with the same flags on top (flags still win).
     reload_from = functools.partial(resolve_config, args) if args.config else None
-    listener = None
-    if config.server.transport == "http":
-        # Bound before anything starts, so a taken port is one clear line, not a traceback.
-        try:
-            listener = _listening_socket(config.server.host, config.server.port)
-        except OSError as exc:
-            where = f"{config.server.host}:{config.server.port}"
-            print(
-                f"mcp-orchestrator: cannot listen on {where}: {exc.strerror or exc} (--port / server.port)",
-                file=sys.stderr,
-            )
-            return EXIT_FAILURE
+    listener = metrics_listener = None
     try:
-        anyio.run(serve, Orchestrator(config), reload_from, args.config, listener)
+        # Bound before anything starts, so a taken port is one clear line, not a traceback.
+        if config.server.transport == "http":
+            listener = _bind(config.server.host, config.server.port, "--port / server.port")
+        if config.observability.metrics_port is not None:
+            where = "--metrics-port / observability.metrics_port"
+            metrics_listener = _bind(config.server.host, config.observability.metrics_port, where)
+    except _CannotListen as exc:
+        print(f"mcp-orchestrator: {exc}", file=sys.stderr)
+        for sock in (listener, metrics_listener):
+            if sock is not None:
+                sock.close()
+        return EXIT_FAILURE
+    try:
+        anyio.run(serve, Orchestrator(config), reload_from, args.config, listener, metrics_listener)
     except KeyboardInterrupt:
         pass
     finally:
-        if listener is not None:
-            listener.close()
+        for sock in (listener, metrics_listener):
+            if sock is not None:
+                sock.close()
     return 0
+
+
+class _CannotListen(Exception):
+    pass
+
+
+def _bind(host: str, port: int, setting: str) -> socket.socket:
+    try:
+        return _listening_socket(host, port)
+    except OSError as exc:
+        raise _CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({setting})") from None
 
 
 async def serve(
@@ -190,13 +224,18 @@ async def serve(
     reload_from: Callable[[], Config] | None = None,
     source: str | None = None,
     listener: socket.socket | None = None,
+    metrics_listener: socket.socket | None = None,
 ) -> None:
     """Run the server until it stops. For HTTP, `listener` is the bound socket (bound here
-    when not given)."""
+    when not given); `metrics_listener` likewise for `metrics_port`."""
     config: Config = orchestrator.config
+    metrics = None
+    metrics_done = anyio.Event()
     async with orchestrator, anyio.create_task_group() as tg:
         if config.observability.metrics_port is not None:
-            tg.start_soon(_serve_metrics, orchestrator, config.observability.metrics_port)
+            sock = metrics_listener or _listening_socket(config.server.host, config.observability.metrics_port)
+            metrics = _metrics_server(orchestrator)
+            tg.start_soon(_serve_on, metrics, sock, metrics_done)
         if reload_from is not None and hasattr(signal, "SIGHUP"):
             from mcp_orchestrator.reload import reload_on_sighup
 
@@ -206,6 +245,10 @@ async def serve(
             await orchestrator.server.run_stdio_async()
         else:
             await _serve_http(orchestrator, listener)
+        if metrics is not None:  # asked to stop, not cancelled: uvicorn logs a traceback when cancelled
+            metrics.should_exit = True
+            with anyio.move_on_after(STOP_TIMEOUT_S):
+                await metrics_done.wait()
         tg.cancel_scope.cancel()
 
 
@@ -257,7 +300,8 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve_metrics(orchestrator: Any, port: int) -> None:
+def _metrics_server(orchestrator: Any) -> Any:
+    """A uvicorn server for /metrics on its own port (stdio mode has no other way to show them)."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -270,10 +314,15 @@ async def _serve_metrics(orchestrator: Any, port: int) -> None:
         return PlainTextResponse(orchestrator.pipeline.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     server_config = orchestrator.config.server
-    host = server_config.host
     # The same Host/Origin checks and optional bearer token as the main HTTP endpoints.
-    settings = security_settings(host, server_config.allowed_hosts, server_config.allowed_origins)
+    settings = security_settings(server_config.host, server_config.allowed_hosts, server_config.allowed_origins)
     token = os.environ.get(server_config.auth_token_env) or None
     app = Guard(Starlette(routes=[Route("/metrics", metrics)]), settings, token)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False))
-    await server.serve()
+    return uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+
+
+async def _serve_on(server: Any, sock: socket.socket, done: anyio.Event) -> None:
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        done.set()

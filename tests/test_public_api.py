@@ -13,7 +13,7 @@ import pytest
 
 import mcp_orchestrator
 from mcp_orchestrator import errors
-from mcp_orchestrator.config import Config, InferenceSection, config_from_mapping
+from mcp_orchestrator.config import Config, InferenceSection, config_from_mapping, leaf_values
 from mcp_orchestrator.errors import ConfigError, OrchestratorError
 from mcp_orchestrator.workers.options import CONFIG_ONLY, KIND_OPTIONS, WorkerOptions
 from mcp_orchestrator.workers.registry import kinds
@@ -181,3 +181,27 @@ def test_defaults_have_one_source() -> None:
     resilience = Config().resilience
     assert resilience.breaker_settings() == BreakerSettings()
     assert resilience.retry_policy() == RetryPolicy()
+
+
+# ---------------------------------------------------------------------------- the docs match the code
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.parametrize("key", sorted(leaf_values(Config())))
+def test_every_config_key_is_documented(key: str) -> None:
+    section, _, name = key.rpartition(".")
+    text = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    assert f"## `[{section}]`" in text or f"`[{section}]`" in text, f"[{section}] has no section"
+    assert f"| `{name}` |" in text or f"`{name}`" in text, f"{key} is not in docs/configuration.md"
+
+
+@pytest.mark.anyio
+async def test_every_tool_argument_is_documented() -> None:
+    text = (DOCS / "tools.md").read_text(encoding="utf-8")
+    async with running(make_config(security={"allow_configure": True})) as (_, client):
+        tools = (await client.list_tools()).tools
+    for tool in tools:
+        assert f"## `{tool.name}`" in text, tool.name
+        for argument in tool.input_schema.get("properties", {}):
+            assert f"`{argument}`" in text, f"{tool.name}.{argument} is not in docs/tools.md"

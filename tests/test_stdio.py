@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from mcp import Client
 from mcp.client.stdio import stdio_client
 
 from tests.conftest import error_text
-from tests.support_processes import LINE_TIMEOUT_S, SCRIPT, child_env, free_port, raw_stdio, stdio_params
+from tests.support_processes import LINE_TIMEOUT_S, SCRIPT, child_env, free_port, raw_stdio, run_cli, stdio_params
 
 pytestmark = pytest.mark.anyio
 
@@ -181,8 +182,8 @@ async def test_metrics_port_serves_prometheus_next_to_stdio() -> None:
     params = stdio_params("--metrics-port", str(port), env={"MCP_ORCHESTRATOR_TOKEN": "metrics-secret"})
     url = f"http://127.0.0.1:{port}/metrics"
     authorized = {"Authorization": "Bearer metrics-secret"}
-    with anyio.fail_after(SESSION_TIMEOUT_S):
-        async with Client(params) as client, httpx2.AsyncClient(timeout=10.0) as http:
+    with anyio.fail_after(SESSION_TIMEOUT_S), tempfile.TemporaryFile("w+") as errlog:
+        async with Client(stdio_client(params, errlog=errlog)) as client, httpx2.AsyncClient(timeout=10.0) as http:
             assert not (await client.call_tool("infer", {"prompt": "scrape me"})).is_error
             while True:
                 try:
@@ -193,8 +194,24 @@ async def test_metrics_port_serves_prometheus_next_to_stdio() -> None:
             anonymous = await http.get(url)
             foreign_host = await http.get(url, headers={"Host": "evil.example"} | authorized)
             foreign_origin = await http.get(url, headers={"Origin": "http://evil.example"} | authorized)
+        errlog.seek(0)
+        stderr = errlog.read()
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr  # a quiet exit
     assert response.status_code == 200
     assert 'orchestrator_requests_total{outcome="completed"} 1.0' in response.text
     assert anonymous.status_code == 401
     assert foreign_host.status_code == 421
     assert foreign_origin.status_code == 403
+
+
+def test_a_taken_metrics_port_is_one_clear_line_before_anything_is_served() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = run_cli("--transport", "http", "--port", "0", "--metrics-port", str(port))
+    assert completed.returncode == 1
+    assert completed.stderr.strip() == (
+        f"mcp-orchestrator: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(--metrics-port / observability.metrics_port)"
+    )
