@@ -132,11 +132,15 @@ class ResponsesClosed:
         return self
 
     async def _on_request(self, request: httpx2.Request) -> None:
-        request.extensions["trace"] = self._on_event
+        chained = request.extensions.get("trace")  # the transport's own watch
 
-    async def _on_event(self, name: str, info: dict[str, Any]) -> None:
-        if name == "http11.response_closed.complete":
-            self.count += 1
+        async def on_event(name: str, info: dict[str, Any]) -> None:
+            if name == "http11.response_closed.complete":
+                self.count += 1
+            if chained is not None:
+                await chained(name, info)
+
+        request.extensions["trace"] = on_event
 
 
 async def test_without_background_reads_the_worker_reads_the_end_itself() -> None:

@@ -240,14 +240,42 @@ async def test_a_tool_configured_worker_does_not_send_the_key_to_a_host_the_oper
     assert sent and all("authorization" not in r.headers for r in sent)
 
 
-async def test_a_connection_closed_before_any_answer_is_sent_again(fault_server: FaultServer) -> None:
-    """Servers drop kept-alive connections at will (llama-server does after some streams);
-    a request that got no byte of answer is sent again on a fresh connection."""
-    async with running(fault_config("llama_cpp", fault_server.url("disconnect", "stale", 2))) as (_, client):
-        result = await client.call_tool("infer", {"prompt": "Say hi", "max_tokens": 2, "cache": False})
+def retrying_config(url: str, retries: int) -> Config:
+    return make_config(
+        stages={"inference": {"worker": "llama_cpp", "base_url": url, "max_tokens": 2}},
+        resilience={
+            "retry_attempts": retries,
+            "retry_base_ms": 1,
+            "retry_max_ms": 2,
+            "circuit_breaker_threshold": 1000,
+        },
+    )
+
+
+async def test_a_request_the_backend_read_is_a_backend_call_and_is_sent_again_only_by_the_retry_policy(
+    fault_server: FaultServer,
+) -> None:
+    """The backend read the whole request, then closed the connection without an answer:
+    it may have acted on it (and billed it), so the transport does not quietly send it
+    again. Each send is one call of the retry policy, counted in `attempts`, provenance and
+    the breaker, and one request never costs more than retry_attempts + 1 calls (the
+    transport used to re-send each call twice more: 12 calls for retry_attempts = 3)."""
+    async with running(retrying_config(fault_server.url("disconnect", "stale", 2), retries=2)) as (
+        orchestrator,
+        client,
+    ):
+        result = await client.call_tool("infer", {"prompt": "Say hi", "cache": False})
         assert not result.is_error, error_text(result)
+        assert result.structured_content is not None
+        assert result.structured_content["provenance"]["attempts"] == 3
+        assert result.structured_content["provenance"]["retries"] == 2
+        breaker = orchestrator.status().breakers[0]
+        assert (breaker.failures, breaker.successes) == (2, 1), breaker
     assert fault_server.count("stale") == 3
 
-    message = await infer_error(fault_config("llama_cpp", fault_server.url("disconnect", "gone", 100)))
+    async with running(retrying_config(fault_server.url("disconnect", "gone", 100), retries=3)) as (_, client):
+        failed = await client.call_tool("infer", {"prompt": "Say hi", "cache": False, "dedup": False})
+        message = error_text(failed)
     assert "retryable: the connection broke while reading the answer" in message
-    assert fault_server.count("gone") == 3  # the first try and two more, then a clear error
+    assert "gave up after 4 call(s)" in message
+    assert fault_server.count("gone") == 4

@@ -100,14 +100,31 @@ class Endpoint:
         return parsed
 
 
-STALE_CONNECTION_RETRIES = 2
-"""Times a request is sent again when a pooled keep-alive connection turns out to be dead.
+UNSENT_RETRIES = 2
+"""Times a request is sent again when it provably never reached the backend.
 
-Servers close idle or finished keep-alive connections at will (llama-server drops
-some right after a streamed answer), and a request written into such a connection
-fails before any byte of response. Nothing was answered, so sending it again on a
-fresh connection is safe; the OpenAI and Anthropic SDKs do the same. Failures after
-the response has started are never retried here."""
+A pooled keep-alive connection can turn out to be dead when a request is written into it
+(servers close idle connections at will). When writing the request failed before its last
+byte, the backend cannot have acted on it, so it is sent again on a fresh connection and
+counts as no backend call. Once the whole request was written, a failure is an ordinary
+failed call: the retry policy decides (backoff, deadline, breaker), and every such send
+counts, so a request never costs more than `retry_attempts + 1` backend calls."""
+
+
+class _WriteWatch:
+    """Learns from httpcore2's public `trace` extension whether the request was written whole."""
+
+    __slots__ = ("_chained", "written")
+
+    def __init__(self, chained: Any = None) -> None:
+        self._chained = chained
+        self.written = False
+
+    async def __call__(self, name: str, info: dict[str, Any]) -> None:
+        if name.endswith(".send_request_body.complete"):
+            self.written = True
+        if self._chained is not None:
+            await self._chained(name, info)
 
 
 async def _send(
@@ -115,12 +132,15 @@ async def _send(
 ) -> httpx2.Response:
     """Send the request; the response comes back with its body still unread (the caller closes it)."""
     request = client.build_request(method, endpoint.parsed_url(path), json=body, headers=endpoint.headers)
-    for attempt in range(STALE_CONNECTION_RETRIES + 1):
+    chained = request.extensions.get("trace")
+    for attempt in range(UNSENT_RETRIES + 1):
+        watch = request.extensions["trace"] = _WriteWatch(chained)
         try:
             return await client.send(request, stream=True)
         except (httpx2.RemoteProtocolError, httpx2.ReadError, httpx2.WriteError):
-            if attempt == STALE_CONNECTION_RETRIES:
+            if watch.written or attempt == UNSENT_RETRIES:
                 raise
+            log.debug("%s: the connection failed before the request was written; sending it again", endpoint.backend)
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
