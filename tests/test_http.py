@@ -161,7 +161,12 @@ def test_token_guards_plain_routes(guarded_server: HttpServer, path: str) -> Non
     assert missing.headers.get("www-authenticate") == "Bearer"
     assert get(url, {"Authorization": "Bearer wrong"}).status_code == 401
     assert get(url, {"Authorization": TOKEN}).status_code == 401
+    assert get(url, {"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    assert get(url, {"Authorization": f"Bearer {TOKEN}x"}).status_code == 401
     assert get(url, guarded_server.auth_headers()).status_code == 200
+    # The scheme is case-insensitive (RFC 9110 section 11.1).
+    assert get(url, {"Authorization": f"bearer {TOKEN}"}).status_code == 200
+    assert get(url, {"Authorization": f"BEARER  {TOKEN}"}).status_code == 200
 
 
 def test_token_guards_mcp(guarded_server: HttpServer) -> None:

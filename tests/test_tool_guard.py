@@ -46,3 +46,28 @@ async def test_errors_raised_by_the_tool_itself_are_kept() -> None:
         result = await client.call_tool("replay_dead_letter", {"id": "dl-404"})
         assert result.is_error
         assert "no dead letter 'dl-404'" in result.content[0].text  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "expected"),
+    [
+        ("infer", {"prompt": "hi", "max_tokens": True}, "max_tokens: Input should be a valid integer (got true)"),
+        ("infer", {"prompt": "hi", "temperature": False}, "temperature: Input should be a valid number (got false)"),
+        ("dead_letters", {"limit": True}, "limit: Input should be a valid integer (got true)"),
+    ],
+)
+async def test_booleans_are_not_numbers(tool: str, arguments: dict[str, object], expected: str) -> None:
+    async with running() as (orchestrator, client):
+        result = await client.call_tool(tool, arguments)
+        assert result.is_error
+        assert expected in result.content[0].text  # type: ignore[union-attr]
+        assert orchestrator.status().totals.submitted == 0
+
+
+async def test_blank_argument_names_are_shown_quoted() -> None:
+    async with running() as (_, client):
+        result = await client.call_tool("infer", {"prompt": "hi", " ": 1, "\t": 2})
+        text = result.content[0].text  # type: ignore[union-attr]
+        assert result.is_error
+        assert '" ": unknown argument' in text
+        assert '"\\t": unknown argument' in text

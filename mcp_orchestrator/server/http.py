@@ -62,7 +62,7 @@ class Guard:
     def __init__(self, app: ASGIApp, settings: TransportSecuritySettings, token: str | None) -> None:
         self.app = app
         self.checker = TransportSecurityMiddleware(settings)
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = token.encode() if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,16 +70,22 @@ class Guard:
             return
         request = Request(scope)
         refusal = await self.checker.validate_request(request, is_post=False)
-        if refusal is None and self.expected is not None:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, self.expected):
-                refusal = JSONResponse(
-                    {"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-                )
+        given = bearer_token(request.headers.get("authorization", ""))
+        if refusal is None and self.expected is not None and not hmac.compare_digest(given, self.expected):
+            refusal = JSONResponse(
+                {"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
         if refusal is not None:
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def bearer_token(authorization: str) -> bytes:
+    """The credentials of an `Authorization: Bearer ...` header (the scheme is case-insensitive,
+    RFC 9110 section 11.1); empty for any other scheme."""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    return credentials.strip().encode() if scheme.lower() == "bearer" else b""
 
 
 def build_http_app(
