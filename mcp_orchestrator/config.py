@@ -46,6 +46,9 @@ class PipelineSection(_Section):
     """Largest deadline_ms a call may ask for."""
     dead_letter_capacity: PositiveInt = 1000
     """Dead letters kept; the oldest is dropped first."""
+    dead_letter_max_bytes: Annotated[int, Field(ge=1024 * 1024)] = 64 * 1024 * 1024
+    """Memory the dead letters may hold (each keeps its whole request for replay); the oldest
+    are dropped first. At least 1 MiB."""
     max_prompt_chars: PositiveInt = 200_000
     """Longest prompt or system prompt accepted."""
     priority_aging_ms: PositiveInt = 10_000
@@ -210,6 +213,9 @@ class DeduplicationSection(_Section):
     """How long a completed answer stays in the result cache."""
     max_entries: PositiveInt = 10_000
     """Cache size; storing one more evicts the least recently used."""
+    max_bytes: Annotated[int, Field(ge=1024 * 1024)] = 128 * 1024 * 1024
+    """Memory the cached answers may hold; storing one more evicts the least recently used
+    until it fits. At least 1 MiB."""
 
 
 class ObservabilitySection(_Section):

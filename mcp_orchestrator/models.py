@@ -264,12 +264,17 @@ class CacheStatus(BaseModel):
     """Coalescing and the result cache are on ([deduplication] enabled) and no context source prevents sharing."""
     entries: int
     max_entries: int
+    bytes: int
+    """Memory the cached answers hold, as the byte budget counts it."""
+    max_bytes: int
     window_s: float
     hits: int
     """Lookups that found an answer."""
     misses: int
     stored: int
     """Answers put into the cache."""
+    too_large: int
+    """Answers not cached because each alone was over max_bytes."""
     flights: int
     """Trips under way that identical requests may join."""
     waiting: int
@@ -281,6 +286,9 @@ class DeadLetterStatus(BaseModel):
 
     held: int
     capacity: int
+    bytes: int
+    """Memory the dead letters hold (each keeps its whole request for replay)."""
+    max_bytes: int
     dropped: int
     """Oldest entries pushed out of the ring by newer ones."""
 

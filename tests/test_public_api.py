@@ -167,7 +167,9 @@ async def test_counters_that_were_kept_are_shown() -> None:
             metrics = orchestrator.pipeline.metrics.render().decode()
     assert (status["cache"]["hits"], status["cache"]["misses"], status["cache"]["stored"]) == (1, 5, 2)
     assert status["rate_limit"]["refused"] == 1
-    assert status["dead_letters"] == {"held": 1, "capacity": 1, "dropped": 1}
+    letters = status["dead_letters"]
+    assert (letters["held"], letters["capacity"], letters["dropped"]) == (1, 1, 1)
+    assert 0 < letters["bytes"] < letters["max_bytes"] == 64 * 1024 * 1024
     assert "orchestrator_cache_misses_total 5.0" in metrics
     assert "orchestrator_cache_stored_total 2.0" in metrics
     assert "orchestrator_dead_letters_dropped_total 1.0" in metrics

@@ -168,8 +168,17 @@ async def test_pipeline_keys_deadline_dead_letters_and_dedup(tmp_path: Path) -> 
         letters = await live.client.call_tool("dead_letters", {})
         assert letters.structured_content is not None and letters.structured_content["total"] == 3
         await live.hup(slow + "[pipeline]\ndefault_deadline_ms = 20\ndead_letter_capacity = 1\n")
-        status = await status_of(live.client)
-        assert status["dead_letters"] == {"held": 1, "capacity": 1, "dropped": 2}
+        letters = (await status_of(live.client))["dead_letters"]
+        assert (letters["held"], letters["capacity"], letters["dropped"]) == (1, 1, 2)
+
+        big = "[pipeline]\ndefault_deadline_ms = 20\ndead_letter_max_bytes = 1048576\n"
+        await live.hup(slow + big)
+        huge = {"prompt": "x" * 200_000, "system": "y" * 200_000, "cache": False}
+        for _ in range(3):  # letters of ~400 KB each: only two fit in 1 MiB
+            assert (await live.client.call_tool("infer", huge)).is_error
+        letters = (await status_of(live.client))["dead_letters"]
+        assert (letters["held"], letters["max_bytes"]) == (2, 1048576)
+        assert letters["bytes"] <= 1048576 and letters["dropped"] == 2 + 2
 
         await live.hup(slow)
         first, again = await live.answer(cache=True), await live.answer(cache=True)

@@ -1,8 +1,14 @@
-"""The dead-letter queue: a bounded ring of requests that were shed or failed."""
+"""The dead-letter queue: a bounded ring of requests that were shed or failed.
+
+Bounded twice: by entries (`capacity`) and by bytes (`max_bytes`), since each letter keeps
+its whole submission for replay and one prompt may be 200,000 characters. Whichever bound
+is passed, the oldest letters go first; the newest letter is always kept.
+"""
 
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -10,6 +16,8 @@ from dataclasses import dataclass
 from mcp_orchestrator.models import DeadLetter, DeadLetterReason, StageName, Submission
 
 PREVIEW_CHARS = 120
+LETTER_OVERHEAD = 2048
+"""Bytes a letter costs besides its texts: the letter and submission models (tracemalloc: ~2,030)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,15 +25,19 @@ class DeadLetterEntry:
     letter: DeadLetter
     submission: Submission
     """Kept so the request can be replayed exactly; never shown to users whole."""
+    size: int
+    """Bytes it costs, for the byte budget."""
 
 
 class DeadLetterQueue:
-    """Holds at most `capacity` entries; the oldest is dropped first."""
+    """Holds at most `capacity` entries and `max_bytes` bytes; the oldest are dropped first."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int) -> None:
         self._capacity = capacity
+        self._max_bytes = max_bytes
         self._entries: OrderedDict[str, DeadLetterEntry] = OrderedDict()
         self._ids = itertools.count(1)
+        self.held_bytes = 0
         self.dropped = 0
         """Entries pushed out by newer ones (shown in pipeline_status and metrics)."""
 
@@ -39,9 +51,21 @@ class DeadLetterQueue:
         self._capacity = value
         self._trim()
 
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    @max_bytes.setter
+    def max_bytes(self, value: int) -> None:
+        """A new byte budget (a config reload): applied at once, like `capacity`."""
+        self._max_bytes = value
+        self._trim()
+
     def _trim(self) -> None:
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        entries = self._entries
+        while len(entries) > self._capacity or (self.held_bytes > self._max_bytes and len(entries) > 1):
+            _, oldest = entries.popitem(last=False)
+            self.held_bytes -= oldest.size
             self.dropped += 1
 
     def __len__(self) -> int:
@@ -60,7 +84,9 @@ class DeadLetterQueue:
             prompt_preview=preview(submission.prompt),
             created_at=time.time(),
         )
-        self._entries[letter.id] = DeadLetterEntry(letter, submission)
+        entry = DeadLetterEntry(letter, submission, letter_size(submission, error))
+        self._entries[letter.id] = entry
+        self.held_bytes += entry.size
         self._trim()
         return letter
 
@@ -82,6 +108,15 @@ class DeadLetterQueue:
             if len(found) >= limit:
                 break
         return found
+
+
+def letter_size(submission: Submission, error: str) -> int:
+    """What a letter costs: its texts as Python holds them, and the models around them."""
+    texts = sys.getsizeof(submission.prompt) + sys.getsizeof(error)
+    if submission.system is not None:
+        texts += sys.getsizeof(submission.system)
+    texts += sum(sys.getsizeof(stop) for stop in submission.params.stop or ())
+    return texts + LETTER_OVERHEAD
 
 
 def preview(prompt: str) -> str:

@@ -53,6 +53,7 @@ RESTART_KEYS = (
     "stages.inference.concurrency",
     "deduplication.window_s",
     "deduplication.max_entries",
+    "deduplication.max_bytes",
 )
 """Settings the pipeline fixes when it starts: memory streams are sized once, the inference
 tasks are started once, and the result cache is sized once."""
@@ -60,6 +61,7 @@ tasks are started once, and the result cache is sized once."""
 LIVE_KEYS = (
     "pipeline.default_deadline_ms",
     "pipeline.dead_letter_capacity",
+    "pipeline.dead_letter_max_bytes",
     "pipeline.priority_aging_ms",
     "stages.rag.enabled",
     "stages.rag.timeout_ms",
@@ -99,8 +101,10 @@ class Pipeline:
         """The event loop's clock (cancel scopes and deadlines use it); a cheaper reader once running."""
         now = self.clock.now
         dedup = config.deduplication
-        self.dead_letters = DeadLetterQueue(config.pipeline.dead_letter_capacity)
-        self.cache: ResultCache[CachedAnswer] = ResultCache(dedup.max_entries, dedup.window_s, clock=now)
+        self.dead_letters = DeadLetterQueue(config.pipeline.dead_letter_capacity, config.pipeline.dead_letter_max_bytes)
+        self.cache: ResultCache[CachedAnswer] = ResultCache(
+            dedup.max_entries, dedup.window_s, clock=now, max_bytes=dedup.max_bytes, size_of=CachedAnswer.size
+        )
         self.breakers = Breakers(config.resilience.breaker_settings(), self.clock, self.metrics)
         self.lease = WorkerLease(worker, self.breakers, self.metrics)
         self.trips: Trips
@@ -275,6 +279,7 @@ class Pipeline:
         self.config = config
         aging_s = config.pipeline.priority_aging_ms / 1000
         self.dead_letters.capacity = config.pipeline.dead_letter_capacity
+        self.dead_letters.max_bytes = config.pipeline.dead_letter_max_bytes
         self.stages.sections = config.stages
         self.stages.context_source = context_source
         self.stages.inference.capacity = config.stages.inference.channel_capacity

@@ -57,6 +57,8 @@ def pipeline_status(pipeline: Pipeline) -> PipelineStatus:
         dead_letters=DeadLetterStatus(
             held=len(pipeline.dead_letters),
             capacity=pipeline.dead_letters.capacity,
+            bytes=pipeline.dead_letters.held_bytes,
+            max_bytes=pipeline.dead_letters.max_bytes,
             dropped=pipeline.dead_letters.dropped,
         ),
         latency_ms=Percentiles(**ledger.latency_percentiles()),
@@ -74,10 +76,13 @@ def cache_status(pipeline: Pipeline) -> CacheStatus:
         enabled=pipeline.admission.shares_answers(),
         entries=len(cache),
         max_entries=cache.max_entries,
+        bytes=cache.held_bytes,
+        max_bytes=cache.max_bytes or 0,
         window_s=cache.ttl_s,
         hits=cache.hits,
         misses=cache.misses,
         stored=cache.stored,
+        too_large=cache.too_large,
         flights=len(pipeline.trips.flights),
         waiting=sum(len(trip.waiters) - 1 for trip in pipeline.trips.flights.values()),
     )
@@ -118,6 +123,7 @@ def live_metrics(pipeline: Pipeline) -> Iterable[Metric]:
     yield counter("orchestrator_cache_misses", "Cache lookups that found no answer", [], [([], float(cache.misses))])
     yield counter("orchestrator_cache_stored", "Answers put into the result cache", [], [([], float(cache.stored))])
     yield gauge("orchestrator_cache_entries", "Answers held by the result cache", [], [([], float(len(cache)))])
+    yield gauge("orchestrator_cache_bytes", "Memory the cached answers hold", [], [([], float(cache.held_bytes))])
     yield gauge(
         "orchestrator_flights",
         "Requests in flight that identical ones may join",
@@ -130,6 +136,9 @@ def live_metrics(pipeline: Pipeline) -> Iterable[Metric]:
     )
     letters = pipeline.dead_letters
     yield gauge("orchestrator_dead_letters", "Dead letters held", [], [([], float(len(letters)))])
+    yield gauge(
+        "orchestrator_dead_letters_bytes", "Memory the dead letters hold", [], [([], float(letters.held_bytes))]
+    )
     yield counter(
         "orchestrator_dead_letters_dropped",
         "Dead letters pushed out of the ring by newer ones",
