@@ -96,6 +96,7 @@ class ScriptedFaultServer(FaultServer):
             "slow:<ms>"       wait <ms> before the response head (slow first byte), then answer
             "reset:<n>"       send n SSE events of the answer, then reset the connection
             "stall:<n>"       send n SSE events, then go silent
+            "drop"            read the request, then close the connection without a byte of answer
         health checks and model lists under /script/ are relayed as they are.
 
     Answers are the real server's bytes, recorded the first time each API path (and
@@ -149,6 +150,8 @@ class ScriptedFaultServer(FaultServer):
         kind, _, arg = step.partition(":")
         if step == "ok":
             await self._answer(incoming, writer, _pass_through)
+        elif step == "drop":
+            writer.close()
         elif kind == "slow":
             await asyncio.sleep(int(arg) / 1000)
             await self._answer(incoming, writer, _pass_through)
