@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -21,6 +21,11 @@ from mcp_orchestrator.errors import BindError, ConfigError, Problem
 from mcp_orchestrator.logs import configure_logging
 from mcp_orchestrator.security import redact
 from mcp_orchestrator.workers.registry import kinds
+
+if TYPE_CHECKING:  # imported when serving only, so that --help and config errors stay fast
+    import uvicorn
+
+    from mcp_orchestrator.shutdown import Shutdown
 
 log = logging.getLogger("mcp_orchestrator")
 
@@ -42,6 +47,8 @@ environment:
 
 signals:
   SIGHUP reloads the --config file (flags still apply on top); a bad file keeps the running config.
+  SIGTERM or SIGINT drains: no new work, calls in flight get [server] shutdown_grace_s (default 10 s)
+  to finish, the rest are answered with an error, then exit 0. A second signal ends the grace at once.
 
 every key, tool and argument: docs/ in the repository (configuration.md, tools.md)."""
 
@@ -228,10 +235,17 @@ async def serve(
 ) -> None:
     """Run the server until it stops. For HTTP, `listener` is the bound socket (bound here
     when not given); `metrics_listener` likewise for `metrics_port`."""
+    from mcp_orchestrator.server.draining import StdioEdge
+    from mcp_orchestrator.server.stdio import serve_stdio
+    from mcp_orchestrator.shutdown import Shutdown
+
     config: Config = orchestrator.config
     metrics = None
     metrics_done = anyio.Event()
     async with orchestrator, anyio.create_task_group() as tg:
+        shutdown = Shutdown(orchestrator.pipeline, config.server.shutdown_grace_s)
+        if sys.platform != "win32":  # before anything is served: from now on SIGTERM drains
+            await tg.start(shutdown.on_signals)
         if config.observability.metrics_port is not None:
             sock = metrics_listener or _listening_socket(config.server.host, config.observability.metrics_port)
             metrics = _metrics_server(orchestrator)
@@ -242,9 +256,9 @@ async def serve(
             tg.start_soon(reload_on_sighup, orchestrator, reload_from, source or "config")
         if config.server.transport == "stdio":
             log.info("serving MCP over stdio with worker %s", orchestrator.pipeline.worker.describe())
-            await orchestrator.server.run_stdio_async()
+            await serve_stdio(orchestrator.server, config.server.max_message_bytes, edge=StdioEdge(shutdown))
         else:
-            await _serve_http(orchestrator, listener)
+            await _serve_http(orchestrator, shutdown, listener)
         if metrics is not None:  # asked to stop, not cancelled: uvicorn logs a traceback when cancelled
             metrics.should_exit = True
             with anyio.move_on_after(STOP_TIMEOUT_S):
@@ -252,9 +266,10 @@ async def serve(
         tg.cancel_scope.cancel()
 
 
-async def _serve_http(orchestrator: Any, listener: socket.socket | None = None) -> None:
+async def _serve_http(orchestrator: Any, shutdown: Shutdown, listener: socket.socket | None = None) -> None:
     import uvicorn
 
+    from mcp_orchestrator.server.draining import DrainGate, Uvicorn
     from mcp_orchestrator.server.http import MCP_PATH, build_http_app
 
     server_config = orchestrator.config.server
@@ -262,6 +277,7 @@ async def _serve_http(orchestrator: Any, listener: socket.socket | None = None) 
     app = build_http_app(
         orchestrator, server_config.host, server_config.allowed_hosts, server_config.allowed_origins, token
     )
+    app = DrainGate(app, shutdown)  # outermost: counts what is in flight, refuses new work once stopping
     uv_config = uvicorn.Config(
         app,
         host=server_config.host,
@@ -270,6 +286,7 @@ async def _serve_http(orchestrator: Any, listener: socket.socket | None = None) 
         log_level=orchestrator.config.observability.log_level,
         access_log=False,
         lifespan="on",
+        timeout_graceful_shutdown=int(STOP_TIMEOUT_S),  # once drained only GET streams remain, ended at once
     )
     # Bound by us rather than by uvicorn so the banner shows the real port (`--port 0` picks one).
     sock = listener or _listening_socket(server_config.host, server_config.port)
@@ -281,8 +298,18 @@ async def _serve_http(orchestrator: Any, listener: socket.socket | None = None) 
         file=sys.stderr,
         flush=True,
     )
-    with sock:
-        await uvicorn.Server(uv_config).serve(sockets=[sock])
+    server = Uvicorn(uv_config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_exit_when_drained, server, shutdown.drained)
+        with sock:
+            await server.serve(sockets=[sock])
+        tg.cancel_scope.cancel()
+
+
+async def _exit_when_drained(server: uvicorn.Server, drained: anyio.Event) -> None:
+    """uvicorn is asked to stop (not cancelled) once every call in flight is answered."""
+    await drained.wait()
+    server.should_exit = True
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -308,6 +335,7 @@ def _metrics_server(orchestrator: Any) -> Any:
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
+    from mcp_orchestrator.server.draining import Uvicorn
     from mcp_orchestrator.server.http import PROMETHEUS_CONTENT_TYPE, Guard, security_settings
 
     async def metrics(request: Request) -> PlainTextResponse:
@@ -318,7 +346,7 @@ def _metrics_server(orchestrator: Any) -> Any:
     settings = security_settings(server_config.host, server_config.allowed_hosts, server_config.allowed_origins)
     token = os.environ.get(server_config.auth_token_env) or None
     app = Guard(Starlette(routes=[Route("/metrics", metrics)]), settings, token)
-    return uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+    return Uvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
 
 
 async def _serve_on(server: Any, sock: socket.socket, done: anyio.Event) -> None:

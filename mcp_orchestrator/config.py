@@ -253,6 +253,31 @@ class ServerSection(_Section):
     allowed_origins: list[str] = Field(default_factory=list)
     auth_token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "MCP_ORCHESTRATOR_TOKEN"
     """Name of the environment variable holding the optional bearer token for HTTP mode."""
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    """Largest JSON-RPC message accepted: one stdio line, or one HTTP request body (413 above it).
+    The default is the MCP SDK's HTTP body cap (4 MiB)."""
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 10.0
+    """On SIGTERM or SIGINT: how long requests in flight may take to finish before they are
+    cancelled (each caller then gets an error saying so); 0 cancels them at once."""
+    max_sessions: PositiveInt = 1000
+    """HTTP: MCP sessions open at once, all clients together; one more is refused (503)."""
+    max_sessions_per_client: PositiveInt = 50
+    """HTTP: MCP sessions one client address (IPv6: its /64) may hold open at once; one more is
+    refused (429) while other addresses still get sessions."""
+    session_idle_s: PositiveFloat = 300
+    """HTTP: a session with no request in flight (and no open GET stream) for this long is closed."""
+    stateless: bool = False
+    """HTTP: no sessions at all; every POST is served on its own (max_sessions,
+    max_sessions_per_client and session_idle_s do not apply)."""
+
+    @model_validator(mode="after")
+    def _per_client_within_total(self) -> ServerSection:
+        if self.max_sessions_per_client > self.max_sessions:
+            raise ValueError(
+                f"max_sessions_per_client ({self.max_sessions_per_client}) must not be greater than "
+                f"max_sessions ({self.max_sessions})"
+            )
+        return self
 
 
 DEFAULT_WORKER_ORIGINS = (

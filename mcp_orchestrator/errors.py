@@ -3,6 +3,7 @@
     OrchestratorError
     ├── RequestError          a request ended without an answer (shown to its caller as it is)
     │   ├── PipelineNotRunning, RequestShed, DeadlineExceeded, StageTimeout, StageFailed
+    │   ├── ShuttingDown, CancelledByShutdown   (SIGTERM: see shutdown.py)
     │   └── WorkerFailed, CircuitOpen, RateLimited
     ├── WorkerError           a backend failed (classified retryable or permanent); the pipeline
     │                         turns the last one into WorkerFailed or CircuitOpen
@@ -45,6 +46,24 @@ class RequestError(OrchestratorError):
 class PipelineNotRunning(RequestError):
     def __init__(self) -> None:
         super().__init__("the pipeline is not running (server starting up or shutting down); try again")
+
+
+class ShuttingDown(RequestError):
+    """A request that arrived after the server began to shut down: it takes no new work."""
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down: it takes no new requests; try again once it is back")
+
+
+class CancelledByShutdown(RequestError):
+    """A request still running when the shutdown grace ran out (counted as cancelled)."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        super().__init__(
+            f"the server shut down before this request finished (still running when the {grace_s:g} s "
+            "shutdown grace, [server] shutdown_grace_s, ran out); try again once the server is back"
+        )
 
 
 class RequestShed(RequestError):

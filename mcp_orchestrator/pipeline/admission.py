@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 
 from mcp_orchestrator.config import DeduplicationSection, RateLimitsSection
-from mcp_orchestrator.errors import PipelineNotRunning, RateLimited
+from mcp_orchestrator.errors import PipelineNotRunning, RateLimited, ShuttingDown
 from mcp_orchestrator.models import Message, Outcome
 from mcp_orchestrator.pipeline.answers import Answer, CachedAnswer
 from mcp_orchestrator.pipeline.coalesce import Trips, answer_key
@@ -54,6 +54,8 @@ class Admission:
         self._lease = lease
         self._time = clock
         self._spawn: Spawn | None = None
+        self.admitting = True
+        """False once the server began to shut down (shutdown.py): new requests are refused."""
 
     def start(self, spawn: Spawn | None) -> None:
         """Running (waits for rate-limit tokens run as tasks through `spawn`), or stopping (None)."""
@@ -65,7 +67,14 @@ class Admission:
         retrieves = self._stages.context_source is not None and self._stages.sections.rag.enabled
         return self.dedup.enabled and not retrieves
 
+    def stop_admitting(self) -> None:
+        """Refuse every request from now on, with ShuttingDown; those already admitted carry on."""
+        self.admitting = False
+
     def admit(self, request: Request, now: float) -> None:
+        if not self.admitting:
+            self._ledger.end(request, Outcome.failed, now, ShuttingDown())
+            return
         submission = request.submission
         key: str | None = None
         messages: tuple[Message, ...] = ()

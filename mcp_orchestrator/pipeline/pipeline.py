@@ -25,7 +25,7 @@ from anyio.abc import TaskGroup
 from prometheus_client.core import Metric
 
 from mcp_orchestrator.config import Config
-from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning
+from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning, RequestError
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import InferResult, Outcome, PipelineStatus, StageTimings, Submission, Usage
 from mcp_orchestrator.pipeline.admission import Admission
@@ -254,6 +254,21 @@ class Pipeline:
             coalesced=request.coalesced,
             cached=request.cached,
         )
+
+    # ------------------------------------------------------------------ shutting down
+
+    def stop_admitting(self) -> None:
+        """New requests are refused (ShuttingDown); requests in flight carry on."""
+        self.admission.stop_admitting()
+
+    def cancel_in_flight(self, error: Callable[[], RequestError]) -> int:
+        """End every request in flight as cancelled, its caller getting its own `error()`
+        (a shutdown whose grace ran out). Returns how many there were."""
+        live = list(self.ledger.live.values())
+        now = self._time()
+        for request in live:
+            self.ledger.end(request, Outcome.cancelled, now, error())
+        return len(live)
 
     # ------------------------------------------------------------------ changing it while it runs
 

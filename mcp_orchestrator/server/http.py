@@ -2,6 +2,8 @@
 
 The guard checks Host/Origin on every path (DNS-rebinding protection stays on for
 any bind address) and, when a bearer token is configured, the Authorization header.
+Behind it, MCP sessions are capped per client address and in total, idle ones expire, and
+a session request whose client went away is cancelled ([server] keys, see session_guards).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mcp_orchestrator.config import ServerSection
 from mcp_orchestrator.errors import BindError
 from mcp_orchestrator.orchestrator import Orchestrator
+from mcp_orchestrator.server.disconnect import CancelOnDisconnect
+from mcp_orchestrator.server.sessions import SessionCaps, SessionLimits, SessionTable
 
 MCP_PATH = "/mcp"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -113,7 +118,25 @@ def build_http_app(
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(orchestrator.pipeline.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    section = orchestrator.config.server
     app: Starlette = server.streamable_http_app(
-        streamable_http_path=MCP_PATH, transport_security=settings, host=host, json_response=False
+        streamable_http_path=MCP_PATH,
+        transport_security=settings,
+        host=host,
+        json_response=False,
+        stateless_http=section.stateless,
+        session_idle_timeout=section.session_idle_s,
+        max_sessions=section.max_sessions,
+        max_request_body_size=section.max_message_bytes,
     )
-    return Guard(app, settings, token)
+    return Guard(session_guards(app, section), settings, token)
+
+
+def session_guards(app: ASGIApp, section: ServerSection) -> ASGIApp:
+    """Per-client session caps (the SDK caps only the total) and cancellation of a session
+    request whose client closed its stream (the SDK lets it run): see sessions.py and
+    disconnect.py. Stateless mode has no sessions, and its requests already end with their POST."""
+    if section.stateless:
+        return app
+    caps = SessionCaps(section.max_sessions, section.max_sessions_per_client, section.session_idle_s)
+    return CancelOnDisconnect(SessionLimits(app, MCP_PATH, SessionTable(caps)), MCP_PATH)
