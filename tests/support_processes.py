@@ -232,3 +232,15 @@ def python_module(*args: str, module: str = "mcp_orchestrator") -> subprocess.Co
 def write_lines(path: Path, lines: Sequence[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def wait_for_text(path: Path, text: str) -> str:
+    """A log file's content once it contains `text` (bounded: a server that never logs it
+    fails the test instead of hanging it)."""
+    deadline = time.monotonic() + LINE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        content = path.read_text(encoding="utf-8", errors="replace")
+        if text in content:
+            return content
+        time.sleep(0.02)
+    raise AssertionError(f"{text!r} not in the log within {LINE_TIMEOUT_S} s:\n{path.read_text(encoding='utf-8')}")

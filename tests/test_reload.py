@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from tests.support_admission import GatedWorker, ManualClock, start_call
 from tests.support_context import Passages
 from tests.support_fault_server import FaultServer
 from tests.support_faults_extra import FakeClock
-from tests.support_processes import LINE_TIMEOUT_S, raw_stdio
+from tests.support_processes import raw_stdio, wait_for_text
 from tests.support_workers import StubWorker
 from tests.test_stdio import HANDSHAKE_VERSION, jsonrpc
 
@@ -576,17 +575,6 @@ async def test_new_rate_limits_start_as_empty_as_the_old_buckets_not_with_a_fres
 
 
 # ---------------------------------------------------------------------------- a real SIGHUP to a real server
-
-
-def wait_for_text(path: Path, text: str) -> str:
-    """Poll a log file until `text` appears (bounded, so a broken reload fails instead of hanging)."""
-    deadline = time.monotonic() + LINE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        content = path.read_text(encoding="utf-8", errors="replace")
-        if text in content:
-            return content
-        time.sleep(0.02)
-    raise AssertionError(f"{text!r} not in the log within {LINE_TIMEOUT_S} s:\n{path.read_text()}")
 
 
 @needs_sighup

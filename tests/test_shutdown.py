@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,16 @@ from mcp.types import CallToolResult, TextContent
 
 from mcp_orchestrator.shutdown import Shutdown
 from tests.conftest import error_text, make_config, running, totals_of, wait_for
-from tests.support_processes import STOP_TIMEOUT_S, HttpServer, RawStdio, http_server, raw_stdio, write_lines
+from tests.support_processes import (
+    STOP_TIMEOUT_S,
+    HttpServer,
+    RawStdio,
+    http_server,
+    raw_stdio,
+    wait_for_text,
+    write_lines,
+)
+from tests.test_stdio import jsonrpc
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +47,6 @@ SLOW_CHUNK_MS = 60_000
 LONG_GRACE_S = 60
 SHORT_GRACE_S = 0.2
 SESSION_TIMEOUT_S = 60.0
-LOG_TIMEOUT_S = 20.0
 HANDSHAKE_VERSION = "2025-11-25"
 SHUT_DOWN = "shut down before this request finished"
 REFUSED = "server is shutting down"
@@ -61,17 +68,6 @@ def config_file(tmp_path: Path, chunk_delay_ms: int, grace_s: float) -> Path:
 def prompt(index: int) -> str:
     """Distinct prompts, so that no call joins another's trip."""
     return " ".join(f"w{index}-{word}" for word in range(WORDS))
-
-
-def wait_for_log(path: Path, text: str) -> str:
-    """The server's stderr once it contains `text` (fails after LOG_TIMEOUT_S)."""
-    deadline = time.monotonic() + LOG_TIMEOUT_S
-    while time.monotonic() < deadline:
-        log = path.read_text(encoding="utf-8", errors="replace")
-        if text in log:
-            return log
-        time.sleep(0.02)
-    raise TimeoutError(f"{text!r} not logged within {LOG_TIMEOUT_S} s:\n{path.read_text(encoding='utf-8')}")
 
 
 # ---------------------------------------------------------------------------- the ledger
@@ -100,15 +96,6 @@ async def test_a_drain_past_its_grace_counts_every_cut_request_as_cancelled_and_
 
 
 # ---------------------------------------------------------------------------- stdio
-
-
-def jsonrpc(message_id: int | None, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
-    if message_id is not None:
-        message["id"] = message_id
-    if params is not None:
-        message["params"] = params
-    return message
 
 
 def infer_call(message_id: int, text: str) -> dict[str, Any]:
@@ -165,7 +152,7 @@ def test_stdio_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(tmp_path
     with raw_stdio("--config", str(config), stderr_path=stderr_path) as raw:
         ids = start_stdio_calls(raw)
         raw.process.send_signal(signal.SIGTERM)
-        wait_for_log(stderr_path, f"draining {CALLS} in-flight request(s), up to {LONG_GRACE_S:g} s")
+        wait_for_text(stderr_path, f"draining {CALLS} in-flight request(s), up to {LONG_GRACE_S:g} s")
         late = CALLS + 1
         raw.send(infer_call(late, "too late"))  # the client still writes: new work is refused
         answers = stdio_answers(raw, [*ids, late])
@@ -239,7 +226,7 @@ async def http_calls_then_sigterm(server: HttpServer, *, legacy: bool = False) -
                 tg.start_soon(call, index)
             await all_started.wait()
             server.process.send_signal(signal.SIGTERM)
-            await anyio.to_thread.run_sync(wait_for_log, server.stderr_path, "draining")
+            await anyio.to_thread.run_sync(wait_for_text, server.stderr_path, "draining")
             assert await anyio.to_thread.run_sync(refused_after_signal, server)
             if legacy:  # the session is still served while its calls finish: new work is refused
                 late = error_text(await client.call_tool("infer", {"prompt": "too late"}))
