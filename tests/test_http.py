@@ -202,3 +202,65 @@ async def test_mcp_client_without_the_token_is_refused(guarded_server: HttpServe
 
 def test_server_logs_went_to_its_stderr(server: HttpServer) -> None:
     assert "MCP at http://127.0.0.1:" in server.stderr()
+
+
+# ---------------------------------------------------------------------------- bad JSON-RPC messages
+
+BAD_MESSAGES = [
+    (b'{"jsonrpc":', -32700, None),
+    (b'{"jsonrpc":"1.0","id":5,"method":"ping"}', -32600, 5),
+    (b'{"id":6,"method":"ping"}', -32600, 6),
+    (b'{"jsonrpc":"2.0","id":{"a":1},"method":"ping"}', -32600, None),
+    (b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":"x"}', -32602, 7),
+    (
+        b'{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"infer","arguments":{"prompt":"\\ud800"}}}',
+        -32602,
+        8,
+    ),
+    (
+        b'{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"infer","arguments":{"stop":'
+        + b"[" * 300
+        + b"]" * 300
+        + b"}}}",
+        -32600,
+        9,
+    ),
+]
+
+
+def open_session(url: str) -> dict[str, str]:
+    """Headers of a fresh, initialized MCP session (the SDK's session mode)."""
+    opened = post_initialize(url, {})
+    assert opened.status_code == 200, opened.text
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+        "Mcp-Session-Id": opened.headers["mcp-session-id"],
+        "Mcp-Protocol-Version": "2025-11-25",
+    }
+    with httpx2.Client(timeout=10.0) as http:
+        http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+    return headers
+
+
+def test_every_bad_message_is_answered_with_its_error_and_id_and_changes_nothing(server: HttpServer) -> None:
+    """The SDK alone answered these with id null and pydantic's report, and took an object id
+    for a notification (202, no answer at all); they are now answered as over stdio."""
+    headers = open_session(server.mcp_url)
+    with httpx2.Client(timeout=10.0) as http:
+        before = http.get(f"{server.base_url}/metrics").text
+        for body, code, message_id in BAD_MESSAGES:
+            answer = http.post(server.mcp_url, content=body, headers=headers)
+            assert answer.status_code == 400, (body[:60], answer.status_code, answer.text)
+            error = answer.json()
+            assert (error["error"]["code"], error["id"]) == (code, message_id), error
+            assert error["error"]["message"].split(":")[0] in ("Parse error", "Invalid Request", "Invalid params")
+        oversize = http.post(server.mcp_url, content=b'{"x":"' + b"a" * (5 * 1024 * 1024) + b'"}', headers=headers)
+        assert oversize.status_code == 413 and "max_message_bytes" in oversize.json()["error"]["message"]
+        good = {"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "pipeline_status"}}
+        served = http.post(server.mcp_url, json=good, headers=headers)
+        after = http.get(f"{server.base_url}/metrics").text
+    assert served.status_code == 200 and '"reconciles":true' in served.text.replace(" ", "")
+    assert metric(before, "orchestrator_requests_total", 'outcome="completed"') == metric(
+        after, "orchestrator_requests_total", 'outcome="completed"'
+    )

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_orchestrator.config import ServerSection
 from mcp_orchestrator.errors import BindError
 from mcp_orchestrator.orchestrator import Orchestrator
 from mcp_orchestrator.server.disconnect import CancelOnDisconnect
+from mcp_orchestrator.server.messages import INVALID_REQUEST, Rejection, check
 from mcp_orchestrator.server.sessions import SessionCaps, SessionLimits, SessionTable
+
+log = logging.getLogger(__name__)
 
 MCP_PATH = "/mcp"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
@@ -86,6 +90,75 @@ class Guard:
         await self.app(scope, receive, send)
 
 
+class CheckedMessages:
+    """ASGI middleware: each JSON POST to the MCP endpoint is checked as JSON-RPC before the
+    SDK sees it (messages.check), so HTTP answers a bad message as stdio does: 400 with the
+    JSON-RPC error for it and the message's own id (the SDK answers id null, and takes a
+    message whose id is an object for a notification: 202, no answer). A body over `limit`
+    is answered 413 as soon as it passes the limit, without reading the rest."""
+
+    def __init__(self, app: ASGIApp, path: str, limit: int) -> None:
+        self.app = app
+        self.path = path
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not _json_post_to(scope, self.path):
+            await self.app(scope, receive, send)
+            return
+        body = await _read_body(receive, self.limit)
+        rejection = (
+            check(body.decode("utf-8", "replace"))
+            if body is not None
+            else Rejection(INVALID_REQUEST, f"message larger than {self.limit} bytes ([server] max_message_bytes)")
+        )
+        if rejection is not None and rejection.answered:
+            log.warning("HTTP message refused: %s", rejection.message)
+            answer = rejection.answer().model_dump(mode="json", by_alias=True, exclude_unset=True)
+            await JSONResponse(answer, status_code=400 if body is not None else 413)(scope, receive, send)
+            return
+        await self.app(scope, _replaying(body or b"", receive), send)
+
+
+def _json_post_to(scope: Scope, path: str) -> bool:
+    if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != path:
+        return False
+    content_type: bytes = dict(scope["headers"]).get(b"content-type", b"")
+    return content_type.split(b";")[0].strip().lower() == b"application/json"  # else the SDK answers 415
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None once it passes `limit` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts)  # the client went away: what came is all there is
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """`receive` for the app behind: the body already read, then the client's own messages
+    (so a disconnect still reaches the parts that watch for it)."""
+    pending = True
+
+    async def replay() -> Message:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 def bearer_token(authorization: str) -> bytes:
     """The credentials of an `Authorization: Bearer ...` header (the scheme is case-insensitive,
     RFC 9110 section 11.1); empty for any other scheme."""
@@ -129,7 +202,8 @@ def build_http_app(
         max_sessions=section.max_sessions,
         max_request_body_size=section.max_message_bytes,
     )
-    return Guard(session_guards(app, section), settings, token)
+    checked = CheckedMessages(session_guards(app, section), MCP_PATH, section.max_message_bytes)
+    return Guard(checked, settings, token)
 
 
 def session_guards(app: ASGIApp, section: ServerSection) -> ASGIApp:
