@@ -596,3 +596,22 @@ def test_generated_messages_each_get_the_answer_json_rpc_gives(tmp_path: Path) -
         answers()
         assert_still_serving(raw, submitted=1)
         assert_only_json_rpc_on_stdout(raw)
+
+
+def test_a_client_that_goes_away_cancels_its_call_and_the_server_exits(tmp_path: Path) -> None:
+    """stdin closing mid-call (the client was killed) is a cancellation: the call, whose worker
+    would take a minute, is not waited for, and the server exits 0 with nothing but JSON-RPC on
+    stdout (STOP_TIMEOUT_S, 10 s, bounds the wait: far less than the minute the call needs)."""
+    config = tmp_path / "slow.toml"
+    config.write_text('[stages.inference]\nworker = "echo"\ndelay_ms = 60000\n', encoding="utf-8")
+    with raw_stdio("--config", str(config), stderr_path=tmp_path / "stderr.log") as raw:
+        initialize(raw)
+        raw.send(jsonrpc(2, "tools/call", {"name": "infer", "arguments": {"prompt": "slow"}}))
+        raw.send(jsonrpc(3, "tools/call", {"name": "pipeline_status", "arguments": {}}))
+        (status,) = raw.read_until_response(3)
+        assert status["result"]["structuredContent"]["totals"]["in_flight"] == 1
+        code, trailing = raw.hang_up()
+    assert code == 0
+    assert all(json.loads(line)["jsonrpc"] == "2.0" for line in trailing)
+    answers = [json.loads(line) for line in trailing if json.loads(line).get("id") == 2]
+    assert all("error" in answer or answer["result"]["isError"] for answer in answers)  # never an answer text
