@@ -255,6 +255,14 @@ def test_every_bad_message_is_answered_with_its_error_and_id_and_changes_nothing
             error = answer.json()
             assert (error["error"]["code"], error["id"]) == (code, message_id), error
             assert error["error"]["message"].split(":")[0] in ("Parse error", "Invalid Request", "Invalid params")
+        object_id = b'{"jsonrpc":"2.0","id":{"x":1},"method":"tools/list"}'
+        for content_type in ("application/json, text/plain", "application/json,", "Application/JSON; charset=utf-8"):
+            # The SDK reads these bodies as JSON too (any comma-separated part), so they are checked.
+            variant = http.post(server.mcp_url, content=object_id, headers=headers | {"Content-Type": content_type})
+            assert variant.status_code == 400 and variant.json()["error"]["code"] == -32600, (
+                content_type,
+                variant.text,
+            )
         oversize = http.post(server.mcp_url, content=b'{"x":"' + b"a" * (5 * 1024 * 1024) + b'"}', headers=headers)
         assert oversize.status_code == 413 and "max_message_bytes" in oversize.json()["error"]["message"]
         good = {"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "pipeline_status"}}

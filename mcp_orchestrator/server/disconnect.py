@@ -25,9 +25,9 @@ import json
 import logging
 
 import anyio
-from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcp_orchestrator.server.bodies import read_body, replaying
 from mcp_orchestrator.server.sessions import SESSION_HEADER, header, is_legacy
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,19 @@ RequestId = int | str
 class CancelOnDisconnect:
     """ASGI middleware on the MCP path (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, path: str) -> None:
+    def __init__(self, app: ASGIApp, path: str, limit: int) -> None:
         self.app = app
         self.path = path
+        self.limit = limit
+        """The body cap ([server] max_message_bytes): a larger body is refused before it is dispatched."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self._is_session_post(scope):
             await self.app(scope, receive, send)
             return
         entry_scope = dict(scope)  # before the router adds its keys
-        head, body = await read_body(receive)
-        request_id = cancellable_id(body)
+        head, body = await read_body(receive, self.limit)
+        request_id = cancellable_id(body or b"")
         replay = replaying(head, receive)
         if request_id is None:
             await self.app(scope, replay, send)
@@ -112,32 +114,6 @@ class CancelOnDisconnect:
             log.debug("could not cancel request %r of a closed stream", request_id, exc_info=True)
             return
         log.debug("cancelled request %r of a closed stream: %s", request_id, status)
-
-
-async def read_body(receive: Receive) -> tuple[list[Message], bytes]:
-    """The request's first messages and its body, read up to the SDK's body limit (a larger
-    body is refused by the SDK with 413 and never dispatched, so it needs no cancelling)."""
-    messages: list[Message] = []
-    body = b""
-    while len(body) <= DEFAULT_MAX_REQUEST_BODY_SIZE:
-        message = await receive()
-        messages.append(message)
-        if message["type"] != "http.request":
-            return messages, b""
-        body += message.get("body", b"")
-        if not message.get("more_body", False):
-            return messages, body
-    return messages, b""
-
-
-def replaying(messages: list[Message], receive: Receive) -> Receive:
-    """`receive` that first hands out `messages` again."""
-    pending = list(messages)
-
-    async def replay() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replay
 
 
 def cancellable_id(body: bytes) -> RequestId | None:

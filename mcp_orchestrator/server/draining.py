@@ -42,6 +42,7 @@ from mcp.types import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPC
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcp_orchestrator.server.sessions import SESSION_HEADER
 from mcp_orchestrator.shutdown import InFlight, Shutdown
 
 T = TypeVar("T")
@@ -53,7 +54,6 @@ REFUSAL = JSONResponse(
 )
 DISCONNECT: Message = {"type": "http.disconnect"}
 CANCELLED = "notifications/cancelled"
-SESSION_HEADER = b"mcp-session-id"
 
 
 async def first_of(event: anyio.Event, call: Callable[[], Awaitable[T]]) -> T | None:

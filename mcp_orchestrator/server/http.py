@@ -16,11 +16,12 @@ from mcp.server.transport_security import TransportSecurityMiddleware, Transport
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcp_orchestrator.config import ServerSection
 from mcp_orchestrator.errors import BindError
 from mcp_orchestrator.orchestrator import Orchestrator
+from mcp_orchestrator.server.bodies import read_body, replaying
 from mcp_orchestrator.server.disconnect import CancelOnDisconnect
 from mcp_orchestrator.server.messages import INVALID_REQUEST, Rejection, check
 from mcp_orchestrator.server.sessions import SessionCaps, SessionLimits, SessionTable
@@ -106,7 +107,10 @@ class CheckedMessages:
         if not _json_post_to(scope, self.path):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive, self.limit)
+        read, body = await read_body(receive, self.limit)
+        if body is None and read[-1]["type"] != "http.request":  # the client went away: nobody to answer
+            await self.app(scope, replaying(read, receive), send)
+            return
         rejection = (
             check(body.decode("utf-8", "replace"))
             if body is not None
@@ -117,46 +121,17 @@ class CheckedMessages:
             answer = rejection.answer().model_dump(mode="json", by_alias=True, exclude_unset=True)
             await JSONResponse(answer, status_code=400 if body is not None else 413)(scope, receive, send)
             return
-        await self.app(scope, _replaying(body or b"", receive), send)
+        await self.app(scope, replaying(read, receive), send)
 
 
 def _json_post_to(scope: Scope, path: str) -> bool:
+    """A POST to the MCP endpoint whose body the SDK would read as JSON, by the SDK's own rule
+    (the first Content-Type header; any of its comma-separated types `application/json`);
+    other POSTs the SDK refuses with 415 unread."""
     if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != path:
         return False
-    content_type: bytes = dict(scope["headers"]).get(b"content-type", b"")
-    return content_type.split(b";")[0].strip().lower() == b"application/json"  # else the SDK answers 415
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None once it passes `limit` bytes."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(parts)  # the client went away: what came is all there is
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-def _replaying(body: bytes, receive: Receive) -> Receive:
-    """`receive` for the app behind: the body already read, then the client's own messages
-    (so a disconnect still reaches the parts that watch for it)."""
-    pending = True
-
-    async def replay() -> Message:
-        nonlocal pending
-        if pending:
-            pending = False
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
+    content_type = Request(scope).headers.get("content-type", "")
+    return any(part.split(";")[0].strip().lower() == "application/json" for part in content_type.split(","))
 
 
 def bearer_token(authorization: str) -> bytes:
@@ -213,4 +188,4 @@ def session_guards(app: ASGIApp, section: ServerSection) -> ASGIApp:
     if section.stateless:
         return app
     caps = SessionCaps(section.max_sessions, section.max_sessions_per_client, section.session_idle_s)
-    return CancelOnDisconnect(SessionLimits(app, MCP_PATH, SessionTable(caps)), MCP_PATH)
+    return CancelOnDisconnect(SessionLimits(app, MCP_PATH, SessionTable(caps)), MCP_PATH, section.max_message_bytes)
