@@ -43,7 +43,8 @@ EPILOG = """examples:
 environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY     API keys (never accepted from a tool call)
   OPENAI_BASE_URL, ANTHROPIC_BASE_URL, LLAMA_CPP_URL, VLLM_URL   where the backends are
-  MCP_ORCHESTRATOR_TOKEN                HTTP mode: require "Authorization: Bearer <token>"
+  MCP_ORCHESTRATOR_TOKEN                HTTP mode: require "Authorization: Bearer <token>" (at least
+                                        16 characters; required for a non-loopback --host)
 
 signals:
   SIGHUP reloads the --config file (flags still apply on top); a bad file keeps the running config.
@@ -98,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-origin", action="append", metavar="ORIGIN", help="extra Origin accepted over HTTP (repeatable)"
     )
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="also serve Prometheus /metrics on this port")
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve a non-loopback --host without a bearer token (closed networks only; warned at every start)",
+    )
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="stderr log level (default warning)"
     )
@@ -176,18 +182,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     serves_http = config.server.transport == "http" or config.observability.metrics_port is not None
     if serves_http:  # checked before --check-config, which must not approve a refused bind
-        from mcp_orchestrator.server.http import security_settings
+        from mcp_orchestrator.server.http import auth_refusal, security_settings
 
         try:
             security_settings(config.server.host, config.server.allowed_hosts, config.server.allowed_origins)
         except BindError as exc:
             print(f"mcp-orchestrator: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        token_env = config.server.auth_token_env
+        refusal = auth_refusal(config.server.host, os.environ.get(token_env) or None, token_env, args.insecure_no_auth)
+        if refusal is not None:
+            print(f"mcp-orchestrator: {refusal}", file=sys.stderr)
+            return EXIT_USAGE
     if args.check_config:
         print(json.dumps(redact(config.model_dump(mode="json")), indent=2))
         return 0
 
     configure_logging(config.observability.log_level, config.observability.log_format)
+    if serves_http and args.insecure_no_auth and not os.environ.get(config.server.auth_token_env):
+        log.warning(
+            "--insecure-no-auth: serving HTTP on %s without authentication; anyone who reaches the port can "
+            "use the server and its API keys",
+            config.server.host,
+        )
     # SIGHUP reloads the file, with the same flags on top (flags still win).
     reload_from = functools.partial(resolve_config, args) if args.config else None
     listener = metrics_listener = None

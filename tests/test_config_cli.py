@@ -266,9 +266,50 @@ def test_non_loopback_host_needs_allowed_hosts(capsys: pytest.CaptureFixture[str
     assert "loopback" in line
     assert "--allowed-host" in line
 
-    settings = resolved(capsys, "--transport", "http", "--host", "0.0.0.0", "--allowed-host", "box.lan")
+    flags = ("--transport", "http", "--host", "0.0.0.0", "--allowed-host", "box.lan", "--insecure-no-auth")
+    settings = resolved(capsys, *flags)
     assert settings["server"]["host"] == "0.0.0.0"
     assert settings["server"]["allowed_hosts"] == ["box.lan"]
+
+
+STRONG_TOKEN = "Zq7rX2pLm9WvK4tN8sB3yH6c"
+
+
+def test_a_non_loopback_host_without_authentication_is_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who reaches the port could spend the operator's API keys: a token, or the explicit
+    --insecure-no-auth (warned at every start), is required before anything binds."""
+    monkeypatch.delenv("MCP_ORCHESTRATOR_TOKEN", raising=False)
+    flags = ("--transport", "http", "--host", "0.0.0.0", "--allowed-host", "box.lan")
+    code, out, err = run_main(capsys, *flags, "--check-config")
+    assert (code, out) == (EXIT_USAGE, "")
+    (line,) = error_lines(err)
+    assert "no authentication is set" in line
+    assert "MCP_ORCHESTRATOR_TOKEN" in line and "--insecure-no-auth" in line
+    monkeypatch.setenv("MCP_ORCHESTRATOR_TOKEN", STRONG_TOKEN)
+    assert resolved(capsys, *flags)["server"]["host"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        ("short-token", "it has 11 characters, at least 16 are needed"),
+        ("changeme", "it has 8 characters"),
+        ("your-token-here", "at least 16"),
+        ("aaaaaaaaaaaaaaaaaaaaaaaa", "a placeholder"),
+        ("abababababababababababab", "a placeholder"),
+    ],
+)
+def test_a_weak_token_is_refused_without_being_shown(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, token: str, why: str
+) -> None:
+    monkeypatch.setenv("MCP_ORCHESTRATOR_TOKEN", token)
+    code, out, err = run_main(capsys, "--transport", "http", "--check-config")
+    assert (code, out) == (EXIT_USAGE, "")
+    (line,) = error_lines(err)
+    assert "MCP_ORCHESTRATOR_TOKEN is too weak" in line and why in line
+    assert token not in line
 
 
 def test_non_loopback_refusal_from_the_console_script() -> None:

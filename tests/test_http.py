@@ -153,7 +153,17 @@ def test_foreign_host_and_origin_are_refused_on_mcp(server: HttpServer) -> None:
 # ---------------------------------------------------------------------------- bearer token
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/metrics"])
+def test_healthz_without_the_token_says_only_whether_it_is_up(guarded_server: HttpServer) -> None:
+    """Load balancers ask without a token: they get the status and nothing about the worker."""
+    url = f"{guarded_server.base_url}/healthz"
+    bare = get(url)
+    assert (bare.status_code, bare.json()) == (200, {"status": "ok"})
+    assert get(url, {"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+    detailed = get(url, guarded_server.auth_headers()).json()
+    assert detailed["status"] == "ok" and "worker" in detailed and "in_flight" in detailed
+
+
+@pytest.mark.parametrize("path", ["/metrics"])
 def test_token_guards_plain_routes(guarded_server: HttpServer, path: str) -> None:
     url = f"{guarded_server.base_url}{path}"
     missing = get(url)

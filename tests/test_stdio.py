@@ -195,9 +195,9 @@ async def test_metrics_port_serves_prometheus_next_to_stdio() -> None:
     """stdio has no HTTP of its own; --metrics-port exposes /metrics on loopback, behind the
     same Host/Origin checks and bearer token as the HTTP transport."""
     port = free_port()
-    params = stdio_params("--metrics-port", str(port), env={"MCP_ORCHESTRATOR_TOKEN": "metrics-secret"})
+    params = stdio_params("--metrics-port", str(port), env={"MCP_ORCHESTRATOR_TOKEN": "metrics-secret-4f9a2c"})
     url = f"http://127.0.0.1:{port}/metrics"
-    authorized = {"Authorization": "Bearer metrics-secret"}
+    authorized = {"Authorization": "Bearer metrics-secret-4f9a2c"}
     with anyio.fail_after(SESSION_TIMEOUT_S), tempfile.TemporaryFile("w+") as errlog:
         async with Client(stdio_client(params, errlog=errlog)) as client, httpx2.AsyncClient(timeout=10.0) as http:
             assert not (await client.call_tool("infer", {"prompt": "scrape me"})).is_error

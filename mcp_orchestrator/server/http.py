@@ -29,6 +29,11 @@ from mcp_orchestrator.server.sessions import SessionCaps, SessionLimits, Session
 log = logging.getLogger(__name__)
 
 MCP_PATH = "/mcp"
+MIN_TOKEN_CHARS = 16
+PLACEHOLDER_TOKENS = frozenset(
+    {"changeme", "change-me", "secret", "password", "token", "test", "admin", "example", "default", "your-token-here"}
+)
+HEALTH_PATH = "/healthz"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -82,9 +87,12 @@ class Guard:
         refusal = await self.checker.validate_request(request, is_post=False)
         given = bearer_token(request.headers.get("authorization", ""))
         if refusal is None and self.expected is not None and not hmac.compare_digest(given, self.expected):
-            refusal = JSONResponse(
-                {"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
-            )
+            if scope["path"] == HEALTH_PATH:  # load balancers ask without a token: the bare status only
+                scope.setdefault("state", {})["details"] = False
+            else:
+                refusal = JSONResponse(
+                    {"error": "missing or wrong bearer token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -134,6 +142,32 @@ def _json_post_to(scope: Scope, path: str) -> bool:
     return any(part.split(";")[0].strip().lower() == "application/json" for part in content_type.split(","))
 
 
+def weak_token(token: str) -> str | None:
+    """Why a static bearer token is too weak to guard the server, or None. Never quotes it."""
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"it has {len(token)} characters, at least {MIN_TOKEN_CHARS} are needed"
+    if token.lower() in PLACEHOLDER_TOKENS or len(set(token)) < 4:
+        return "it is a placeholder, not a random token"
+    return None
+
+
+def auth_refusal(host: str, token: str | None, token_env: str, insecure_no_auth: bool) -> str | None:
+    """Why the HTTP server must not start with this authentication, or None.
+
+    A non-loopback address without authentication would let anyone who reaches the port spend
+    the operator's API keys; --insecure-no-auth is the explicit way round for closed networks."""
+    make_one = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if token is not None and (problem := weak_token(token)) is not None:
+        return f"{token_env} is too weak to guard the server: {problem}; make one with {make_one}"
+    if token is None and not is_loopback(host) and not insecure_no_auth:
+        return (
+            f"--host {host} is not a loopback address and no authentication is set: anyone who reaches the "
+            f"port could use the server and its API keys. Set {token_env} to a random token (clients send "
+            f"'Authorization: Bearer <token>'; make one with {make_one}), or pass --insecure-no-auth on a closed network"
+        )
+    return None
+
+
 def bearer_token(authorization: str) -> bytes:
     """The credentials of an `Authorization: Bearer ...` header (the scheme is case-insensitive,
     RFC 9110 section 11.1); empty for any other scheme."""
@@ -151,15 +185,16 @@ def build_http_app(
     server = orchestrator.server
     settings = security_settings(host, allowed_hosts, allowed_origins)
 
-    @server.custom_route("/healthz", methods=["GET"])  # type: ignore[untyped-decorator]
+    @server.custom_route(HEALTH_PATH, methods=["GET"])  # type: ignore[untyped-decorator]
     async def healthz(request: Request) -> Response:
         pipeline = orchestrator.pipeline
-        body = {
-            "status": "ok" if pipeline.running else "stopped",
-            "worker": pipeline.worker.describe(),
-            "in_flight": len(pipeline.ledger.live),
-            "uptime_s": pipeline.uptime_s(),
-        }
+        body: dict[str, object] = {"status": "ok" if pipeline.running else "stopped"}
+        if getattr(request.state, "details", True):  # not for a caller without the token (see Guard)
+            body |= {
+                "worker": pipeline.worker.describe(),
+                "in_flight": len(pipeline.ledger.live),
+                "uptime_s": pipeline.uptime_s(),
+            }
         return JSONResponse(body, status_code=200 if pipeline.running else 503)
 
     @server.custom_route("/metrics", methods=["GET"])  # type: ignore[untyped-decorator]
