@@ -98,10 +98,13 @@ class Shutdown:
         self.pipeline = pipeline
         self.grace_s = grace_s
         self.in_flight = InFlight()
-        self.stopping = False
-        """Set when the drain begins: the edges take no new work."""
         self.drained = anyio.Event()
         """Set when every call is answered (or given up on): the transport stops."""
+
+    @property
+    def stopping(self) -> bool:
+        """True once the drain began (the pipeline admits nothing more): the edges take no new work."""
+        return not self.pipeline.admission.admitting
 
     async def on_signals(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Drain on the first SIGTERM or SIGINT; run until cancelled (later signals are only logged,
@@ -117,7 +120,6 @@ class Shutdown:
     async def drain(self, cause: str = "stopping", more_signals: AsyncIterator[int] | None = None) -> DrainReport:
         """Stop taking work, give the calls in flight the grace, cancel the rest, set `drained`.
         `more_signals`: a signal from there ends the grace at once."""
-        self.stopping = True
         self.pipeline.stop_admitting()
         began = anyio.current_time()
         in_flight = self.in_flight.count

@@ -28,6 +28,7 @@ import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_orchestrator.server.bodies import read_body, replaying
+from mcp_orchestrator.server.messages import RequestId, is_request_id
 from mcp_orchestrator.server.sessions import SESSION_HEADER, header, is_legacy
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 CANCEL_TIMEOUT_S = 5.0
 """Bound on delivering the cancellation (it only queues a notification in the session)."""
 REPLACED_HEADERS = frozenset({b"content-type", b"content-length", b"accept", b"transfer-encoding"})
-
-RequestId = int | str
 
 
 class CancelOnDisconnect:
@@ -126,6 +125,6 @@ def cancellable_id(body: bytes) -> RequestId | None:
     if not isinstance(message, dict) or not isinstance(message.get("method"), str):
         return None
     request_id = message.get("id")
-    if isinstance(request_id, bool) or not isinstance(request_id, int | str):
+    if not is_request_id(request_id) or message["method"] == "initialize":
         return None
-    return None if message["method"] == "initialize" else request_id
+    return request_id

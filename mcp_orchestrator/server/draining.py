@@ -42,7 +42,7 @@ from mcp.types import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPC
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcp_orchestrator.server.sessions import SESSION_HEADER
+from mcp_orchestrator.server.sessions import SESSION_HEADER, header
 from mcp_orchestrator.shutdown import InFlight, Shutdown
 
 T = TypeVar("T")
@@ -143,7 +143,7 @@ class DrainGate:
 
 def in_session(scope: Scope) -> bool:
     """Whether the request belongs to an MCP session (it names one; the SDK checks it is open)."""
-    return any(name.lower() == SESSION_HEADER for name, _ in scope["headers"])
+    return header(scope, SESSION_HEADER) is not None
 
 
 # ---------------------------------------------------------------------------- stdio

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import mcp_types as types
 from pydantic import ValidationError
@@ -94,8 +94,13 @@ def _not_an_object(message: object) -> str:
     return f"a message must be a JSON object, got {_json_type(message)}"
 
 
+def is_request_id(value: object) -> TypeGuard[RequestId]:
+    """MCP's rule for a request id: a string or an integer (JSON-RPC's null and fractions are not)."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
 def _id_problem(value: object) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    if not is_request_id(value):
         return f'"id" must be a string or an integer, got {_json_type(value)}'
     if isinstance(value, str) and LONE_SURROGATE.search(value):
         return '"id" holds a lone surrogate (\\ud800-\\udfff): strings must be valid Unicode'
