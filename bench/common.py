@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from testbeds.processes import rss_bytes
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 1]) of a non-empty sequence."""
@@ -25,10 +27,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 def rss_mb() -> float:
     """Resident set size of this process in MiB (Linux /proc; the benchmarks run there)."""
     gc.collect()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    return rss_bytes() / (1024 * 1024)
 
 
 def machine() -> str:

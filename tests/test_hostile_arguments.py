@@ -9,7 +9,6 @@ changes no counter; the server keeps serving.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from mcp import Client
 from mcp.types import CallToolResult
 
 from mcp_orchestrator import Orchestrator
+from testbeds.processes import rss_bytes
 from tests.conftest import make_config
 
 CALL_TIMEOUT_S = 30.0
@@ -125,14 +125,6 @@ def session() -> Iterator[Session]:
         assert orchestrator.pipeline.reconciles()
 
 
-def rss_kib() -> int:
-    with open(f"/proc/{os.getpid()}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(call=tool_calls())
 def test_every_hostile_call_gets_an_answer_and_a_refusal_changes_nothing(
@@ -149,7 +141,7 @@ def test_every_hostile_call_gets_an_answer_and_a_refusal_changes_nothing(
             session.refused += 1
             assert session.submitted() == before, text  # a refused call changes no counter
     if session.calls % 100 < 2:
-        session.rss_kib.append(rss_kib())
+        session.rss_kib.append(rss_bytes() // 1024)
     alive = session.call("pipeline_status", {})
     assert not alive.is_error and alive.structured_content is not None
     assert alive.structured_content["reconciles"] is True

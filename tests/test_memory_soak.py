@@ -11,7 +11,6 @@ plus a fixed allowance for the interpreter's own pools, no more.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncGenerator
 
 import anyio
@@ -21,6 +20,7 @@ from mcp_orchestrator import Orchestrator, OrchestratorError
 from mcp_orchestrator.errors import WorkerError
 from mcp_orchestrator.models import Submission, Usage
 from mcp_orchestrator.workers.base import Chunk, WorkerRequest
+from testbeds.processes import rss_bytes
 from tests.conftest import make_config
 from tests.support_workers import StubWorker
 
@@ -46,14 +46,6 @@ class HalfFailing(StubWorker):
         if prompt.startswith("fail"):
             raise WorkerError(self.kind, "refused by the test", retryable=False)
         yield Chunk(prompt, Usage(input_tokens=1, output_tokens=1), "stop")
-
-
-def rss_bytes() -> int:
-    with open(f"/proc/{os.getpid()}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def prompt(index: int) -> str:

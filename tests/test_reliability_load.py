@@ -13,7 +13,6 @@ orchestrator. The figures are printed for RELIABILITY.md (`pytest -s` shows them
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 from collections import Counter
@@ -24,6 +23,7 @@ import pytest
 from mcp import Client
 
 from mcp_orchestrator import Orchestrator
+from testbeds.processes import rss_bytes
 from tests.conftest import make_config
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.anyio
 pytest_plugins = ("tests.support_llama", "tests.support_faults_extra")
 
 CALLS = 10_000
+MIB = 1024 * 1024
 CLIENTS = 200
 RETRIES = 3
 FAULTS = ("429@1", "500", "drop", "reset:0", "reset:2", "stall:1")
@@ -45,14 +46,6 @@ GAVE_UP = re.compile(r"gave up after (\d+) call\(s\)")
 def chaos_script(steps: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [rng.choice(FAULTS) if rng.random() < FAULT_SHARE else "ok" for _ in range(steps)]
-
-
-def rss_mib() -> float:
-    with open(f"/proc/{os.getpid()}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def test_ten_thousand_calls_against_a_backend_failing_one_in_five(
@@ -81,7 +74,7 @@ async def test_ten_thousand_calls_against_a_backend_failing_one_in_five(
     )
     results: dict[str, tuple[bool, Any]] = {}
     tasks_before = len(asyncio.all_tasks())
-    rss_before = rss_mib()
+    rss_before = rss_bytes() / MIB
     orchestrator = Orchestrator(config)
     with anyio.fail_after(TEST_TIMEOUT_S):
         async with orchestrator:
@@ -102,7 +95,7 @@ async def test_ten_thousand_calls_against_a_backend_failing_one_in_five(
                     tg.start_soon(one_client, index)
             status = orchestrator.status()
             letters = len(orchestrator.pipeline.dead_letters)
-        rss_after = rss_mib()
+        rss_after = rss_bytes() / MIB
     tasks_after = len(asyncio.all_tasks())
 
     calls_per_prompt = Counter(

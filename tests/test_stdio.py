@@ -23,6 +23,7 @@ from mcp.client.stdio import stdio_client
 from mcp.server.transport_security import DEFAULT_MAX_REQUEST_BODY_SIZE
 
 from mcp_orchestrator import Config
+from testbeds.processes import rss_bytes
 from tests.conftest import error_text
 from tests.support_processes import (
     LINE_TIMEOUT_S,
@@ -441,13 +442,6 @@ def test_a_bad_notification_is_answered_with_id_null_and_a_valid_one_is_not_answ
     assert len(raw.stdout_lines) == 4  # initialize, the error, the infer, pipeline_status
 
 
-def vm_rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
 def test_a_line_over_the_cap_is_answered_and_dropped_as_it_streams_in(tmp_path: Path) -> None:
     """6 MiB without a newline: the error comes while the line is still open, the bytes are not
@@ -459,12 +453,12 @@ def test_a_line_over_the_cap_is_answered_and_dropped_as_it_streams_in(tmp_path: 
     with raw_stdio(stderr_path=stderr_path) as raw:
         initialize(raw)
         call(raw, 2, "infer", {"prompt": "warm up"})  # lazy imports and first-call allocations done
-        before = vm_rss_bytes(raw.process.pid)
+        before = rss_bytes(raw.process.pid)
         write_bytes(raw, line)
         error = answer_to(raw, None)["error"]  # answered before the line has even ended
         write_bytes(raw, b'"}}}\n')
         assert_still_serving(raw, submitted=2)
-        after = vm_rss_bytes(raw.process.pid)
+        after = rss_bytes(raw.process.pid)
         assert_only_json_rpc_on_stdout(raw)
     print(f"VmRSS before {before / MIB:.1f} MiB, after {after / MIB:.1f} MiB, line {size / MIB:.0f} MiB")
     assert error["code"] == INVALID_REQUEST
