@@ -1,7 +1,8 @@
 """Streamable HTTP: the MCP endpoint at /mcp plus /healthz and /metrics, behind one guard.
 
 The guard checks Host/Origin on every path (DNS-rebinding protection stays on for
-any bind address) and, when a bearer token is configured, the Authorization header.
+any bind address) and, when a bearer token is configured, the Authorization header; with
+OAuth configured instead, oauth.py's gate checks access tokens behind it.
 Behind it, MCP sessions are capped per client address and in total, idle ones expire, and
 a session request whose client went away is cancelled ([server] keys, see session_guards).
 """
@@ -24,6 +25,7 @@ from mcp_orchestrator.orchestrator import Orchestrator
 from mcp_orchestrator.server.bodies import read_body, replaying
 from mcp_orchestrator.server.disconnect import CancelOnDisconnect
 from mcp_orchestrator.server.messages import INVALID_REQUEST, Rejection, check
+from mcp_orchestrator.server.oauth import protect
 from mcp_orchestrator.server.sessions import SessionCaps, SessionLimits, SessionTable
 
 log = logging.getLogger(__name__)
@@ -151,19 +153,29 @@ def weak_token(token: str) -> str | None:
     return None
 
 
-def auth_refusal(host: str, token: str | None, token_env: str, insecure_no_auth: bool) -> str | None:
+def auth_refusal(
+    host: str, token: str | None, token_env: str, insecure_no_auth: bool, oauth: bool = False
+) -> str | None:
     """Why the HTTP server must not start with this authentication, or None.
 
     A non-loopback address without authentication would let anyone who reaches the port spend
-    the operator's API keys; --insecure-no-auth is the explicit way round for closed networks."""
+    the operator's API keys; --insecure-no-auth is the explicit way round for closed networks.
+    A static token and OAuth together are refused: a shared token would bypass the per-person
+    scopes and identities OAuth is there for."""
     make_one = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+    if token is not None and oauth:
+        return (
+            f"both {token_env} and OAuth ([server] oauth_issuer) are set: use one. A shared token would "
+            f"bypass OAuth's per-person scopes; unset {token_env} to use OAuth"
+        )
     if token is not None and (problem := weak_token(token)) is not None:
         return f"{token_env} is too weak to guard the server: {problem}; make one with {make_one}"
-    if token is None and not is_loopback(host) and not insecure_no_auth:
+    if token is None and not oauth and not is_loopback(host) and not insecure_no_auth:
         return (
             f"--host {host} is not a loopback address and no authentication is set: anyone who reaches the "
             f"port could use the server and its API keys. Set {token_env} to a random token (clients send "
-            f"'Authorization: Bearer <token>'; make one with {make_one}), or pass --insecure-no-auth on a closed network"
+            f"'Authorization: Bearer <token>'; make one with {make_one}), or configure OAuth (--oauth-issuer "
+            "and --oauth-audience), or pass --insecure-no-auth on a closed network"
         )
     return None
 
@@ -213,7 +225,9 @@ def build_http_app(
         max_request_body_size=section.max_message_bytes,
     )
     checked = CheckedMessages(session_guards(app, section), MCP_PATH, section.max_message_bytes)
-    return Guard(checked, settings, token)
+    # OAuth outside the session caps and the message check: they then see who is calling, and an
+    # unauthenticated request is refused before its body is read.
+    return Guard(protect(checked, orchestrator.oauth, MCP_PATH, HEALTH_PATH), settings, token)
 
 
 def session_guards(app: ASGIApp, section: ServerSection) -> ASGIApp:

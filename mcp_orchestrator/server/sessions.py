@@ -33,6 +33,8 @@ from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcp_orchestrator.server.identity import request_identity
+
 log = logging.getLogger(__name__)
 
 SESSION_HEADER = MCP_SESSION_ID_HEADER.encode("ascii")
@@ -71,8 +73,12 @@ class _Session:
 
 
 def client_key(scope: Scope) -> str:
-    """The address a session counts against: the peer's IP, or for IPv6 its /64 (what one host
-    usually holds). Behind a reverse proxy every client has the proxy's address."""
+    """Who a session counts against: with OAuth, the token's subject (identity.py: one person,
+    whichever address or proxy they come through); otherwise the peer's IP, or for IPv6 its /64
+    (what one host usually holds). Behind a reverse proxy every address is the proxy's."""
+    identity = request_identity(scope)
+    if identity is not None:
+        return identity
     client = scope.get("client")
     if not client:
         return "unknown"
