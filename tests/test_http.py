@@ -78,7 +78,15 @@ async def test_tools_list_and_infer_with_progress_over_http(server: HttpServer) 
                 "infer", {"prompt": "served over streamable http"}, progress_callback=on_progress
             )
             bad = await client.call_tool("dead_letters", {"limit": 0})
-    assert {tool.name for tool in listing.tools} == {"infer", "pipeline_status", "dead_letters", "replay_dead_letter"}
+    assert {tool.name for tool in listing.tools} == {
+        "infer",
+        "batch_infer",
+        "request_status",
+        "cancel_request",
+        "pipeline_status",
+        "dead_letters",
+        "replay_dead_letter",
+    }
     assert not result.is_error, result.content
     assert result.content[0].text == "served over streamable http"
     assert result.structured_content is not None

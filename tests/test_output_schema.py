@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from mcp_orchestrator.models import Hop, InferResult, Provenance, StageTimings, Usage
+from mcp_orchestrator.server.background import JobView
 from mcp_orchestrator.server.schema import flat_json_schema
 from mcp_orchestrator.workers.base import WorkerError
 from tests.conftest import error_text, make_config, running, wait_for, with_progress
@@ -61,20 +62,26 @@ def fields_of(model: type[Any]) -> set[str]:
 
 async def test_infer_and_replay_publish_the_flat_schema_of_infer_result() -> None:
     async with running() as (_, client):
-        infer = await published(client, "infer")
+        either = await published(client, "infer")
         replay = await published(client, "replay_dead_letter")
     # Fails if the SDK stops deriving the output schema from the return annotation's model
-    # (InferOutput's pydantic JSON-schema hook) and publishes pydantic's nested one again.
+    # (the output models' pydantic JSON-schema hooks) and publishes pydantic's nested one again.
+    # infer answers, or (background=true) says where its request is: two flat branches, the
+    # answer first (a validator stops at the first branch that accepts).
+    assert either["type"] == "object" and set(either) == {"type", "anyOf"}
+    infer, queued = either["anyOf"]
     assert infer == flat_json_schema(InferResult)
+    assert queued == flat_json_schema(JobView)
     assert replay == infer
-    Draft202012Validator.check_schema(infer)
-    for node in subschemas(infer):
-        assert not set(node) & set(COMBINATORS), f"not flat: {node}"
+    Draft202012Validator.check_schema(either)
+    for branch in (infer, queued):
+        for node in subschemas(branch):
+            assert not set(node) & set(COMBINATORS), f"not flat: {node}"
 
 
 async def test_the_schema_documents_every_field_with_its_type() -> None:
     async with running() as (_, client):
-        schema = await published(client)
+        schema = await published(client, "replay_dead_letter")
     top = schema["properties"]
     assert set(top) == fields_of(InferResult)
     assert set(top["usage"]["properties"]) == fields_of(Usage)

@@ -95,8 +95,10 @@ async def test_output_schemas_describe_structured_results() -> None:
     async with running() as (_, client):
         tools = await tools_by_name(client)
 
-    infer = tools["infer"].output_schema
-    assert infer is not None
+    published = tools["infer"].output_schema
+    assert published is not None
+    infer, queued = published["anyOf"]  # the answer, or (background=true) the queued request's status
+    assert {"request_id", "status", "message"} <= set(queued["properties"])
     assert set(infer["properties"]) >= INFER_FIELDS
     assert {"input_tokens", "output_tokens"} <= set(resolve(infer, infer["properties"]["usage"])["properties"])
     assert set(STAGES) <= set(resolve(infer, infer["properties"]["stage_ms"])["properties"])

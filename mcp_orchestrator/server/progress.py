@@ -1,9 +1,14 @@
-"""Streaming an answer's chunks to the caller as MCP progress notifications.
+"""Progress notifications: an answer's chunks as they stream, and a heartbeat while a call waits.
 
 A caller asks for progress by putting a progress token in the request's `_meta` (the SDK
 clients do it when given a progress callback; an in-process `mcp.Client(server)` caller
-passes `meta={"progressToken": ...}` along with its callback). Without one, no chunk is
-forwarded and nothing is set up for it: most tool calls never ask.
+passes `meta={"progressToken": ...}` along with its callback). Without one, nothing is
+sent and nothing is set up for it: most tool calls never ask.
+
+Why the heartbeat: hosts give up on a tool call after a fixed time, and some reset that
+timer on every progress notification. A call that waits (in a queue, for a slow model, for
+a background request) with no chunk to forward sends one every `HEARTBEAT_S` saying where
+the work is, so such a host keeps waiting.
 
 Progress is best effort: a slow client loses chunks (a bounded buffer), never the answer;
 and whether anyone asked decides whether a broken stream may be retried (a caller who
@@ -12,6 +17,7 @@ saw half an answer must not see it again).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -24,9 +30,12 @@ from mcp_orchestrator.errors import OrchestratorError
 PROGRESS_BUFFER = 256
 PROGRESS_DRAIN_S = 5.0
 """Longest wait, once the answer is there, for the chunks still queued to reach the client."""
+HEARTBEAT_S = 5.0
+"""A call with nothing else to report says where its work is this often."""
 
 T = TypeVar("T")
 ChunkSink = Callable[[str], None]
+Describe = Callable[[], str]
 
 
 def progress_requested(ctx: Context[Any, Any]) -> bool:
@@ -35,8 +44,42 @@ def progress_requested(ctx: Context[Any, Any]) -> bool:
     return meta is not None and meta.get("progress_token") is not None
 
 
-async def with_progress(ctx: Context[Any, Any], run: Callable[[ChunkSink | None], Awaitable[T]]) -> T:
-    """`run(on_chunk)`, forwarding each chunk as a progress notification when the caller asked."""
+class Reporter:
+    """One call's progress notifications: `progress` strictly increases, as the protocol asks."""
+
+    def __init__(self, ctx: Context[Any, Any], total: float | None = None) -> None:
+        self._ctx = ctx
+        self.total = total
+        self.progress = 0.0
+        self.last_sent = anyio.current_time()
+
+    async def send(self, message: str, progress: float | None = None) -> None:
+        """Send `message`; `progress` (items done, with a total) or the next step."""
+        if progress is None or progress <= self.progress:
+            progress = self._next_step()
+        self.progress = progress
+        self.last_sent = anyio.current_time()
+        await self._ctx.report_progress(progress, self.total, message)
+
+    def _next_step(self) -> float:
+        if self.total is None:
+            return self.progress + 1
+        # With a total, progress counts items: a heartbeat moves it halfway to the next one.
+        return self.progress + (math.floor(self.progress) + 1 - self.progress) / 2
+
+    async def heartbeat(self, describe: Describe) -> None:
+        """Until cancelled: say where the work is whenever nothing was sent for HEARTBEAT_S."""
+        while True:
+            await anyio.sleep(max(0.0, self.last_sent + HEARTBEAT_S - anyio.current_time()))
+            if anyio.current_time() - self.last_sent >= HEARTBEAT_S:
+                await self.send(describe())
+
+
+async def with_progress(
+    ctx: Context[Any, Any], run: Callable[[ChunkSink | None], Awaitable[T]], describe: Describe | None = None
+) -> T:
+    """`run(on_chunk)`, forwarding each chunk as a progress notification when the caller
+    asked, and a heartbeat from `describe` while no chunk comes."""
     if not progress_requested(ctx):
         return await run(None)
     send, receive = anyio.create_memory_object_stream[str](PROGRESS_BUFFER)
@@ -47,10 +90,13 @@ async def with_progress(ctx: Context[Any, Any], run: Callable[[ChunkSink | None]
         except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
             pass  # best effort: a slow client loses chunks, never the answer
 
+    reporter = Reporter(ctx)
     outcome: T | OrchestratorError
     forwarded = anyio.Event()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_forward, receive, ctx, forwarded)
+        tg.start_soon(_forward, receive, reporter, forwarded)
+        if describe is not None:
+            tg.start_soon(reporter.heartbeat, describe)
         try:
             outcome = await run(on_chunk)
         except OrchestratorError as exc:
@@ -66,12 +112,31 @@ async def with_progress(ctx: Context[Any, Any], run: Callable[[ChunkSink | None]
     return outcome
 
 
-async def _forward(receive: MemoryObjectReceiveStream[str], ctx: Context[Any, Any], done: anyio.Event) -> None:
-    count = 0
+async def with_heartbeat(
+    ctx: Context[Any, Any], run: Callable[[Reporter | None], Awaitable[T]], describe: Describe, total: float | None
+) -> T:
+    """`run(reporter)` with a heartbeat from `describe` while it runs, when the caller asked
+    for progress (`run` may send its own through the reporter: items done of `total`)."""
+    if not progress_requested(ctx):
+        return await run(None)
+    reporter = Reporter(ctx, total)
+    outcome: T | OrchestratorError
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reporter.heartbeat, describe)
+        try:
+            outcome = await run(reporter)
+        except OrchestratorError as exc:  # raised below, outside the group (not wrapped in a group)
+            outcome = exc
+        tg.cancel_scope.cancel()
+    if isinstance(outcome, OrchestratorError):
+        raise outcome
+    return outcome
+
+
+async def _forward(receive: MemoryObjectReceiveStream[str], reporter: Reporter, done: anyio.Event) -> None:
     try:
         async with receive:
             async for text in receive:
-                count += 1
-                await ctx.report_progress(count, None, text)
+                await reporter.send(text)
     finally:
         done.set()

@@ -69,3 +69,9 @@ def _nullable(branches: Any) -> dict[str, Any] | None:
     if "enum" in other:
         merged["enum"] = [*other["enum"], None]
     return merged
+
+
+def either(first: type[BaseModel], second: type[BaseModel]) -> dict[str, Any]:
+    """An object matching `first`'s flat schema or `second`'s. The common shape goes first:
+    jsonschema stops at the first branch that accepts, so it costs what `first` alone costs."""
+    return {"type": "object", "anyOf": [flat_json_schema(first), flat_json_schema(second)]}

@@ -1,0 +1,146 @@
+"""The MCP tasks extension (`io.modelcontextprotocol/tasks`, protocol 2026-07-28).
+
+Spec: modelcontextprotocol/ext-tasks, specification/2026-07-28/tasks.md. A client that
+declares the extension on a `tools/call` of infer or batch_infer may get a task handle
+(`resultType: "task"`) instead of the result: the call starts as a job (jobs/), waits
+inline up to `[tasks] inline_ms`, and answers normally when the result is there by then.
+Otherwise the client polls `tasks/get` until the task is `completed` (with the very
+`CallToolResult` the call would have returned inline; a tool error is `completed` with
+`isError: true`), `failed` (a JSON-RPC error only) or `cancelled`; `tasks/cancel` asks it
+to stop. Built on the SDK's extension interface (SEP-2133): one `tools/call` interceptor
+and three request methods, no patching.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.extension import Extension, MethodBinding
+from mcp.server.mcpserver.server import require_client_extension
+from mcp.shared.exceptions import MCPError
+from mcp_types import CallToolRequestParams, RequestParams
+from pydantic import Field
+
+from mcp_orchestrator.config import TasksSection
+from mcp_orchestrator.errors import JobError
+from mcp_orchestrator.jobs import Job, JobFailure, Jobs, JobState
+from mcp_orchestrator.pipeline import Pipeline
+from mcp_orchestrator.server.background import CURRENT_JOB, describe, owner_of
+
+TASKS = "io.modelcontextprotocol/tasks"
+TASK_TOOLS = frozenset({"infer", "batch_infer"})
+"""The tools that may answer with a task (the others are quick)."""
+INVALID_PARAMS = -32602
+
+
+class TaskIdParams(RequestParams):
+    task_id: str = Field(min_length=1, max_length=64)
+
+
+class UpdateTaskParams(TaskIdParams):
+    input_responses: dict[str, Any] = Field(default_factory=dict)
+
+
+def declared(ctx: ServerRequestContext[Any, Any]) -> bool:
+    """Whether this request's client declared the extension (per request on 2026-07-28)."""
+    capabilities = ctx.session.client_capabilities
+    return bool(capabilities and capabilities.extensions and TASKS in capabilities.extensions)
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class TasksExtension(Extension):
+    identifier = TASKS
+
+    def __init__(self, jobs: Jobs, pipeline: Pipeline, settings: TasksSection) -> None:
+        self._jobs = jobs
+        self._pipeline = pipeline
+        self._settings = settings
+
+    def methods(self) -> list[MethodBinding]:
+        return [
+            MethodBinding("tasks/get", TaskIdParams, self._get),
+            MethodBinding("tasks/update", UpdateTaskParams, self._update),
+            MethodBinding("tasks/cancel", TaskIdParams, self._cancel),
+        ]
+
+    async def intercept_tool_call(
+        self, params: CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if params.name not in TASK_TOOLS or not declared(ctx) or CURRENT_JOB.get() is not None:
+            return await call_next(ctx)
+
+        async def work(job: Job) -> HandlerResult:
+            token = CURRENT_JOB.set(job)  # the tool body submits for the job, sends no progress
+            try:
+                return await call_next(ctx)
+            except MCPError as exc:
+                raise JobFailure(exc.error.code, exc.error.message) from None
+            finally:
+                CURRENT_JOB.reset(token)
+
+        try:
+            job = self._jobs.start(owner_of(ctx), params.name, "task", work)
+        except JobError as exc:  # over a bound: answered like any other refusal
+            raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
+        try:
+            finished = await self._jobs.wait(job, self._settings.inline_ms / 1000)
+        except BaseException:
+            # The caller left before it was told the task's id: nobody could ever fetch it.
+            self._jobs.cancel(job.owner, job.id)
+            raise
+        if not finished:
+            return self._task(job, "task")
+        self._jobs.forget(job)  # answered inline: never a task to the client
+        if job.failure is not None:
+            raise MCPError(code=job.failure.code, message=job.failure.message)
+        if job.state is JobState.cancelled:
+            raise MCPError(code=INVALID_PARAMS, message="cancelled")
+        result: HandlerResult = job.result
+        return result
+
+    # ------------------------------------------------------------------ methods
+
+    def _find(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> Job:
+        require_client_extension(ctx, TASKS)  # -32021 for a client that did not declare it
+        try:
+            return self._jobs.get(owner_of(ctx), params.task_id)
+        except JobError as exc:
+            raise MCPError(code=INVALID_PARAMS, message=f"Failed to retrieve task: {exc}") from None
+
+    async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> HandlerResult:
+        return self._task(self._find(ctx, params), "complete")
+
+    async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> HandlerResult:
+        self._find(ctx, params)  # no tool here asks for input: responses are acknowledged and ignored
+        return {"resultType": "complete"}
+
+    async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> HandlerResult:
+        job = self._find(ctx, params)
+        self._jobs.cancel(job.owner, job.id)
+        return {"resultType": "complete"}
+
+    # ------------------------------------------------------------------ the wire shape
+
+    def _task(self, job: Job, result_type: str) -> dict[str, Any]:
+        """A Task (CreateTaskResult with result_type "task", a tasks/get answer with "complete")."""
+        task: dict[str, Any] = {
+            "resultType": result_type,
+            "taskId": job.id,
+            "status": job.state.value,
+            "statusMessage": describe(job, self._pipeline),
+            "createdAt": iso(job.created_at),
+            "lastUpdatedAt": iso(job.updated_at),
+            "ttlMs": int(self._settings.ttl_s * 1000),
+        }
+        if job.state is JobState.working:
+            task["pollIntervalMs"] = self._settings.poll_interval_ms
+        elif job.state is JobState.completed and result_type == "complete":
+            task["result"] = job.result.model_dump(by_alias=True, mode="json", exclude_none=True)
+        elif job.state is JobState.failed and job.failure is not None:
+            task["error"] = {"code": job.failure.code, "message": job.failure.message}
+        return task
