@@ -1,0 +1,204 @@
+"""Single flight across processes: one process calls the backend for a key, the others wait.
+
+    join(key)  ->  hit (a cached answer)  |  lead (we hold the lock)  |  follow (someone else does)
+
+`join` is one Lua script, so "is there an answer, else take the lock, else who holds it" is
+atomic. The leader's lock (`SET NX PX lock_ttl`) is renewed every third of its expiry while
+its call runs; when the call ends, one script drops the lock and publishes the outcome
+(the answer itself, a failure, or "released": nobody waits for it here any more) on the
+events channel. Followers wait for that message without polling: each process has one
+subscription (events.py) that hands it to the local watcher of that key. A follower
+registers before it joins, so a message published after its join cannot be missed; if
+the message never comes (the leader died, or the subscription was down), the follower
+joins again when the lock would have expired: then the lock is gone and one follower
+takes it over. Nobody waits past its own deadline: the caller's cancel scope bounds it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+from redis.asyncio import Redis
+
+from mcp_orchestrator.distributed.cache import PUT_FUNCTION
+from mcp_orchestrator.distributed.keys import Keys
+from mcp_orchestrator.distributed.link import Link, RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+JOIN = """
+if ARGV[3] == '1' then
+  local answer = redis.call('GET', KEYS[1])
+  if answer then return {'hit', answer} end
+end
+if ARGV[4] == '0' then return {'alone', ''} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lead', ''} end
+return {'follow', tostring(redis.call('PTTL', KEYS[2]))}
+"""
+"""KEYS: answer, lock. ARGV: owner, lock ttl ms, look in the cache (1/0), may lead or follow (1/0)."""
+
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+"""KEYS: lock. ARGV: owner, ttl ms. Extends the lock only while we still hold it."""
+
+END = (
+    PUT_FUNCTION
+    + """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if #KEYS > 1 then
+  cache_put(KEYS[2], KEYS[3], KEYS[4], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+            tonumber(ARGV[8]))
+end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+)
+"""KEYS: lock [, answer, index, sizes]. ARGV: owner, channel, message [, cache_put's arguments].
+Drops our lock, stores the answer when asked, then tells every waiting process."""
+
+Verdict = Literal["hit", "lead", "follow", "alone"]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    verdict: Verdict
+    answer: str = ""
+    """The cached answer's payload (verdict "hit")."""
+    lock_ms: int = 0
+    """Milliseconds left on the leader's lock (verdict "follow")."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a leader published: `status` ok (with `answer`), failed (with `error`) or released."""
+
+    status: Literal["ok", "failed", "released"]
+    answer: str = ""
+    error: str = ""
+
+
+@dataclass(eq=False)
+class Watch:
+    """A local follower of one key, woken by the events subscription."""
+
+    key: str
+    arrived: anyio.Event = field(default_factory=anyio.Event)
+    outcome: Outcome | None = None
+
+    def deliver(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.arrived.set()
+
+    async def wait(self, seconds: float) -> Outcome | None:
+        """The next outcome published for the key, or None after `seconds`."""
+        with anyio.move_on_after(max(0.0, seconds)):
+            await self.arrived.wait()
+        outcome, self.outcome = self.outcome, None
+        self.arrived = anyio.Event()
+        return outcome
+
+
+class Flights:
+    def __init__(self, link: Link, keys: Keys, owner: str, lock_ttl_ms: int) -> None:
+        self._link = link
+        self._keys = keys
+        self.owner = owner
+        self.lock_ttl_ms = lock_ttl_ms
+        self._watches: dict[str, set[Watch]] = {}
+        # EVALSHA for the per-request scripts: the script's text is not resent each time.
+        self._join = link.client.register_script(JOIN)
+        self._renew = link.client.register_script(RENEW)
+        self._end = link.client.register_script(END)
+        self.led = 0
+        """Flights this process led (it called the backend for every process)."""
+        self.followed = 0
+        """Trips of this process that waited on another process's flight (counted by the pipeline)."""
+        self.taken_over = 0
+        """Flights this process led after the previous leader's lock expired."""
+
+    async def join(self, key: str, *, look: bool, share: bool) -> Joined:
+        """Cached answer, lock, or the lock's holder (see the module docstring). RedisUnavailable."""
+        keys = self._keys
+        args = (self.owner, self.lock_ttl_ms, "1" if look else "0", "1" if share else "0")
+
+        async def run(client: Redis) -> Any:
+            return await self._join(keys=(keys.answer(key), keys.lock(key)), args=args)
+
+        verdict, detail = await self._link.call(run)
+        verdict = _text(verdict)
+        if verdict == "hit":
+            return Joined("hit", answer=_text(detail))
+        if verdict == "follow":
+            return Joined("follow", lock_ms=max(0, int(_text(detail))))
+        if verdict == "lead":
+            self.led += 1
+        return Joined(verdict)  # type: ignore[arg-type]
+
+    @contextmanager
+    def watch(self, key: str) -> Iterator[Watch]:
+        """Receive the outcomes published for `key` while the block runs (enter it before joining)."""
+        watch = Watch(key)
+        self._watches.setdefault(key, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            watchers = self._watches.get(key)
+            if watchers is not None:
+                watchers.discard(watch)
+                if not watchers:
+                    del self._watches[key]
+
+    def delivered(self, message: dict[str, Any]) -> None:
+        """An outcome from the events channel: wake the local followers of its key."""
+        watchers = self._watches.get(str(message.get("k", "")))
+        if not watchers:
+            return
+        outcome = Outcome(message.get("s", "released"), str(message.get("a", "")), str(message.get("e", "")))
+        for watch in tuple(watchers):
+            watch.deliver(outcome)
+
+    def wake_all(self) -> None:
+        """The subscription was re-established: messages may have been lost, so every follower
+        joins again at once instead of at its lock's expiry."""
+        for watchers in tuple(self._watches.values()):
+            for watch in tuple(watchers):
+                watch.deliver(Outcome("released"))
+
+    async def renew(self, key: str) -> bool:
+        """Extend our lock; False when it is no longer ours (or Redis is unreachable)."""
+        lock = self._keys.lock(key)
+
+        async def run(client: Redis) -> Any:
+            return await self._renew(keys=(lock,), args=(self.owner, self.lock_ttl_ms))
+
+        try:
+            return bool(await self._link.call(run))
+        except RedisUnavailable:
+            return False
+
+    async def end(self, key: str, outcome: Outcome, cache: tuple[list[str], list[str | int]] | None) -> None:
+        """Drop our lock, store the answer in the shared cache when `cache` says how
+        (SharedCache.put_args), and publish `outcome` to every process. RedisUnavailable."""
+        message = json.dumps({"t": "flight", "k": key, "s": outcome.status, "a": outcome.answer, "e": outcome.error})
+        names: list[str] = [self._keys.lock(key)]
+        args: list[str | int] = [self.owner, self._keys.events, message]
+        if cache is not None:
+            names += cache[0]
+            args += cache[1]
+
+        async def run(client: Redis) -> Any:
+            return await self._end(keys=names, args=args)
+
+        await self._link.call(run)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else str(value)

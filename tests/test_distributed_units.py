@@ -1,0 +1,152 @@
+"""Sharing through Redis, piece by piece, in one process against a real Redis (testbeds/redis.py)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from mcp_orchestrator import Orchestrator
+from mcp_orchestrator.config import DeduplicationSection, DistributedSection, config_from_mapping
+from mcp_orchestrator.distributed.flights import Outcome
+from mcp_orchestrator.distributed.link import where
+from mcp_orchestrator.distributed.shared import SharedState
+from mcp_orchestrator.errors import ConfigError
+from mcp_orchestrator.models import Submission
+from testbeds.processes import free_port
+from testbeds.redis import RedisServer, redis_server
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_the_file_wins_over_redis_url_and_an_empty_url_turns_sharing_off() -> None:
+    env = {"REDIS_URL": "redis://from-env:6379/2"}
+    assert DistributedSection().url(env) == "redis://from-env:6379/2"
+    assert DistributedSection().url({}) is None
+    assert DistributedSection(redis_url="redis://file:6379").url(env) == "redis://file:6379"
+    assert DistributedSection(redis_url="").url(env) is None
+
+
+def test_a_bad_url_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"distributed": {"redis_url": "http://user:hunter2@host"}}, "team.toml")
+    assert "distributed.redis_url" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_status_and_logs_name_redis_without_its_password() -> None:
+    assert where("redis://user:hunter2@cache.internal:6380/3", None) == "redis://cache.internal:6380/3"
+    assert where("redis://:hunter2@cache.internal", 5) == "redis://cache.internal:6379/5"
+
+
+def test_without_a_url_redis_is_not_even_imported() -> None:
+    code = (
+        "import sys; from mcp_orchestrator import Orchestrator; o = Orchestrator(); "
+        "print(o.pipeline.sharing is None, 'redis' in sys.modules)"
+    )
+    env = {"PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+
+# ---------------------------------------------------------------------------- health
+
+
+async def test_an_unreachable_redis_is_one_warning_and_requests_carry_on(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"redis://admin:hunter2@127.0.0.1:{free_port()}/0"  # nobody listens there
+    config = config_from_mapping({"distributed": {"redis_url": url, "timeout_ms": 200}})
+    caplog.set_level(logging.WARNING)
+    async with Orchestrator(config) as orchestrator:
+        results = [await orchestrator.infer(Submission(prompt=f"still works {n}")) for n in range(5)]
+        status = orchestrator.status()
+    assert [r.text for r in results] == [f"still works {n}" for n in range(5)]
+    assert status.distributed is not None and status.distributed.state == "degraded"
+    assert status.distributed.local_fallbacks >= 1 and status.reconciles
+    warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "hunter2" not in caplog.text and "admin" not in caplog.text
+
+
+async def test_sharing_resumes_by_itself_after_a_restart(redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    config = config_from_mapping({"distributed": {"redis_url": redis.url, "key_prefix": "resume"}})
+    async with Orchestrator(config) as orchestrator:
+        await orchestrator.infer(Submission(prompt="before"))
+        redis.stop()
+        try:
+            await orchestrator.infer(Submission(prompt="during"))
+            degraded = orchestrator.status().distributed
+        finally:
+            redis.start()
+        with anyio.fail_after(30):
+            while True:  # the link's prober notices within 0.5 s; nothing here can signal it
+                if orchestrator.status().distributed.state == "ok":  # type: ignore[union-attr]
+                    break
+                await anyio.sleep(0.05)
+        await orchestrator.infer(Submission(prompt="after"))
+        shared = orchestrator.status().distributed
+    assert degraded is not None and degraded.state == "degraded"
+    assert shared is not None and shared.state == "ok" and shared.transitions == 2
+    assert "reachable again" in caplog.text
+
+
+# ---------------------------------------------------------------------------- the shared parts
+
+
+async def test_the_shared_cache_keeps_its_bounds(redis: RedisServer) -> None:
+    dedup = config_from_mapping({"deduplication": {"max_entries": 3}}).deduplication
+    state = SharedState(redis.url, DistributedSection(key_prefix="bounds"), dedup, 100)
+    async with state.running():
+        for n in range(5):
+            args = state.cache.put_args(f"k{n}", f"answer {n}")
+            assert args is not None
+            names, values = args
+            await state.flights.end(f"k{n}", _ok(), (names, values))
+        kept = [await state.flights.join(f"k{n}", look=True, share=False) for n in range(5)]
+    assert [joined.verdict for joined in kept] == ["alone", "alone", "hit", "hit", "hit"]
+    assert state.cache.put_args("big", "x" * (dedup.max_bytes + 1)) is None
+
+
+async def test_the_global_bucket_never_grants_more_than_its_bound(redis: RedisServer) -> None:
+    """Three SharedStates (three connections, as three processes would have) take from one
+    bucket as fast as they can, never waiting: at most burst + rate * elapsed succeed."""
+    states = [SharedState(redis.url, DistributedSection(key_prefix="gcra"), _dedup(), 100) for _ in range(3)]
+    granted = 0
+    async with states[0].running(), states[1].running(), states[2].running():
+        started = anyio.current_time()
+        for round_ in range(60):
+            state = states[round_ % 3]
+            buckets = state.limits.buckets(rate=20, burst=4, session_id=None, session_rate=None, session_burst=4)
+            reservation = await state.limits.reserve(buckets, 0.0)
+            granted += reservation.granted
+        elapsed = anyio.current_time() - started
+    assert 4 <= granted <= 4 + 20 * elapsed + 1  # + 1: the token refilled at the very end
+
+
+async def test_a_replay_is_claimed_once(redis: RedisServer) -> None:
+    states = [SharedState(redis.url, DistributedSection(key_prefix="claims"), _dedup(), 100) for _ in range(2)]
+    async with states[0].running(), states[1].running():
+        claims = [await state.dead_letters.claim("dl-x-1") for state in (*states, states[0])]
+    assert claims[0] is None
+    assert claims[1] == states[0].owner and claims[2] == states[0].owner
+
+
+def _ok() -> Outcome:
+    return Outcome("ok", answer="{}")
+
+
+def _dedup() -> DeduplicationSection:
+    return config_from_mapping({}).deduplication
