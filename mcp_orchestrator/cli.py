@@ -39,6 +39,7 @@ EPILOG = """examples:
   mcp-orchestrator --worker llama_cpp --base-url http://127.0.0.1:8080
   mcp-orchestrator --config examples/openai.toml --transport http --port 8000
   mcp-orchestrator --check-config --config my.toml    validate, print the resolved settings, exit
+  mcp-orchestrator --config team.toml --transport http --workers 4   4 processes on one port (needs redis_url)
 
 environment:
   OPENAI_API_KEY, ANTHROPIC_API_KEY     API keys (never accepted from a tool call)
@@ -100,9 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="also serve Prometheus /metrics on this port")
     parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="HTTP: serve with N processes on one port, each restarted if it dies (default 1; "
+        "N > 1 needs [distributed] redis_url; worker i serves --metrics-port + i)",
+    )
+    parser.add_argument(
         "--insecure-no-auth",
         action="store_true",
         help="serve a non-loopback --host without a bearer token (closed networks only; warned at every start)",
+    )
+    parser.add_argument(
+        "--oauth-issuer",
+        metavar="URL",
+        help="HTTP: accept OAuth access tokens (JWT) from this authorization server (needs --oauth-audience)",
+    )
+    parser.add_argument(
+        "--oauth-audience", metavar="URL", help="HTTP with OAuth: this server's public MCP URL, tokens' aud"
     )
     parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="stderr log level (default warning)"
@@ -158,6 +174,8 @@ FLAG_FOR_KEY = {
     "server.port": "--port",
     "server.allowed_hosts": "--allowed-host",
     "server.allowed_origins": "--allowed-origin",
+    "server.oauth_issuer": "--oauth-issuer",
+    "server.oauth_audience": "--oauth-audience",
     "observability.metrics_port": "--metrics-port",
     "observability.log_level": "--log-level",
     "observability.log_format": "--log-format",
@@ -190,16 +208,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mcp-orchestrator: {exc}", file=sys.stderr)
             return EXIT_USAGE
         token_env = config.server.auth_token_env
-        refusal = auth_refusal(config.server.host, os.environ.get(token_env) or None, token_env, args.insecure_no_auth)
+        token, oauth = os.environ.get(token_env) or None, config.server.oauth_issuer is not None
+        refusal = auth_refusal(config.server.host, token, token_env, args.insecure_no_auth, oauth)
         if refusal is not None:
             print(f"mcp-orchestrator: {refusal}", file=sys.stderr)
             return EXIT_USAGE
+    from mcp_orchestrator import supervisor
+
+    workers = 1 if args.workers is None else args.workers
+    if (refused := supervisor.refusal(workers, config)) is not None:
+        print(f"mcp-orchestrator: {refused}", file=sys.stderr)
+        return EXIT_USAGE
     if args.check_config:
         print(json.dumps(redact(config.model_dump(mode="json")), indent=2))
         return 0
 
     configure_logging(config.observability.log_level, config.observability.log_format)
-    if serves_http and args.insecure_no_auth and not os.environ.get(config.server.auth_token_env):
+    unauthenticated = not os.environ.get(config.server.auth_token_env) and config.server.oauth_issuer is None
+    if serves_http and args.insecure_no_auth and unauthenticated:
         log.warning(
             "--insecure-no-auth: serving HTTP on %s without authentication; anyone who reaches the port can "
             "use the server and its API keys",
@@ -207,12 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     # SIGHUP reloads the file, with the same flags on top (flags still win).
     reload_from = functools.partial(resolve_config, args) if args.config else None
+    slot = supervisor.inherited() if workers > 1 else None  # this process is one of a supervisor's workers
+    if workers > 1 and slot is None:
+        return _supervise(list(sys.argv[1:] if argv is None else argv), workers, config)
     listener = metrics_listener = None
     try:
         # Bound before anything starts, so a taken port is one clear line, not a traceback.
-        if config.server.transport == "http":
+        if slot is not None:
+            listener, metrics_listener = slot.listener(), slot.metrics_listener()
+        elif config.server.transport == "http":
             listener = _bind(config.server.host, config.server.port, "--port / server.port")
-        if config.observability.metrics_port is not None:
+        if config.observability.metrics_port is not None and slot is None:
             where = "--metrics-port / observability.metrics_port"
             metrics_listener = _bind(config.server.host, config.observability.metrics_port, where)
     except _CannotListen as exc:
@@ -241,6 +272,41 @@ def _bind(host: str, port: int, setting: str) -> socket.socket:
         return _listening_socket(host, port)
     except OSError as exc:
         raise _CannotListen(f"cannot listen on {host}:{port}: {exc.strerror or exc} ({setting})") from None
+
+
+def _supervise(argv: list[str], workers: int, config: Config) -> int:
+    """`--workers N`: bind the port (and worker i's metrics port, metrics_port + i) once, then
+    run the supervisor, which serves it with N worker processes (supervisor.py)."""
+    from mcp_orchestrator.supervisor import Supervisor, session_warning
+
+    if (warning := session_warning(workers, config)) is not None:
+        log.warning("%s", warning)
+    host, metrics_port = config.server.host, config.observability.metrics_port
+    sockets: list[socket.socket] = []
+    try:
+        sockets.append(_bind(host, config.server.port, "--port / server.port"))
+        if metrics_port is not None:
+            for index in range(workers):
+                where = f"--metrics-port / observability.metrics_port, + {index} for worker {index}"
+                sockets.append(_bind(host, metrics_port + index, where))
+    except _CannotListen as exc:
+        print(f"mcp-orchestrator: {exc}", file=sys.stderr)
+        for sock in sockets:
+            sock.close()
+        return EXIT_FAILURE
+    port = sockets[0].getsockname()[1]
+    shown_host = f"[{host}]" if ":" in host else host
+    print(
+        f"mcp-orchestrator {__version__}: supervisor (pid {os.getpid()}) serving http://{shown_host}:{port} "
+        f"with {workers} worker processes",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        return Supervisor(argv, workers, sockets[0], sockets[1:], config.server.shutdown_grace_s).run()
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 async def serve(
@@ -311,7 +377,8 @@ async def _serve_http(orchestrator: Any, shutdown: Shutdown, listener: socket.so
     shown_host = f"[{server_config.host}]" if ":" in server_config.host else server_config.host
     print(
         f"mcp-orchestrator {__version__}: MCP at http://{shown_host}:{port}{MCP_PATH} "
-        f"(also /healthz, /metrics){' with bearer token' if token else ''}",
+        f"(also /healthz, /metrics){' with bearer token' if token else ''}"
+        f"{f' with OAuth tokens from {server_config.oauth_issuer}' if orchestrator.oauth else ''}",
         file=sys.stderr,
         flush=True,
     )
@@ -353,7 +420,8 @@ def _metrics_server(orchestrator: Any) -> Any:
     from starlette.routing import Route
 
     from mcp_orchestrator.server.draining import Uvicorn
-    from mcp_orchestrator.server.http import PROMETHEUS_CONTENT_TYPE, Guard, security_settings
+    from mcp_orchestrator.server.http import HEALTH_PATH, MCP_PATH, PROMETHEUS_CONTENT_TYPE, Guard, security_settings
+    from mcp_orchestrator.server.oauth import protect
 
     async def metrics(request: Request) -> PlainTextResponse:
         return PlainTextResponse(orchestrator.pipeline.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
@@ -362,7 +430,8 @@ def _metrics_server(orchestrator: Any) -> Any:
     # The same Host/Origin checks and optional bearer token as the main HTTP endpoints.
     settings = security_settings(server_config.host, server_config.allowed_hosts, server_config.allowed_origins)
     token = os.environ.get(server_config.auth_token_env) or None
-    app = Guard(Starlette(routes=[Route("/metrics", metrics)]), settings, token)
+    routes = Starlette(routes=[Route("/metrics", metrics)])
+    app = Guard(protect(routes, orchestrator.oauth, MCP_PATH, HEALTH_PATH), settings, token)
     return Uvicorn(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
 
 

@@ -8,11 +8,14 @@ that exist in the seeds but cannot do anything here are refused with the reason.
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mcp_orchestrator.errors import ConfigError, Problem, validation_problems
 from mcp_orchestrator.models import MaxTokens, Temperature
@@ -24,6 +27,8 @@ from mcp_orchestrator.workers.options import HttpSettings, WorkerOptions
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
+ScopeName = Annotated[str, Field(pattern=r"^[\x21\x23-\x5B\x5D-\x7E]{1,128}$")]
+"""An OAuth scope (RFC 6749 section 3.3: printable ASCII without space, quote or backslash)."""
 
 _BREAKER = BreakerSettings()
 _RETRY = RetryPolicy()
@@ -226,22 +231,70 @@ class ObservabilitySection(_Section):
 
 
 class DistributedSection(_Section):
-    """Reserved for sharing cache, coalescing and rate limits across processes through Redis.
+    """Sharing cache, coalescing, rate limits, breaker state and dead letters with other
+    orchestrator processes through Redis (see docs/operations.md, "Scaling out")."""
 
-    Not implemented in this version: any key here is refused rather than silently ignored."""
+    redis_url: Annotated[str, Field(max_length=2048)] | None = None
+    """redis://[user:password@]host:port[/db] (rediss:// for TLS). Unset: the REDIS_URL
+    environment variable when it is set, else no sharing. An empty string turns sharing off
+    even when REDIS_URL is set."""
+    db: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    """Logical database; overrides the URL's /db. Unset: the URL's (0 when it names none)."""
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = "mcp-orchestrator"
+    """Every key and channel this orchestrator uses starts with it (several deployments can share one Redis)."""
+    node_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] | None = None
+    """This process's name in Redis (lock owners, dead letters' origin, status). Unset: host-pid."""
+    timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 100
+    """Longest wait for any one Redis command; past it the command counts as failed and the
+    request carries on with local state."""
+    lock_ttl_ms: Annotated[int, Field(ge=100, le=600_000)] = 10_000
+    """Expiry of a flight's lock: renewed every third of it while the backend call runs, so a
+    leader that dies is replaced by a waiting process within about this long."""
 
-    redis_url: str | None = None
-    node_id: str | None = None
-
-    @field_validator("redis_url", "node_id")
+    @field_validator("redis_url")
     @classmethod
-    def _not_implemented(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError(
-                "distributed mode (cache, coalescing and limits shared through Redis) is not implemented "
-                "in this version; remove the [distributed] section to run a single process"
-            )
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    def url(self, environ: Mapping[str, str]) -> str | None:
+        """The Redis URL in effect: the file's, else REDIS_URL from `environ`; None: no sharing."""
+        if self.redis_url is not None:
+            return self.redis_url or None
+        return environ.get("REDIS_URL") or None
+
+
+class TasksSection(_Section):
+    """Long calls: the MCP tasks extension and background requests (docs/tools.md, "Long calls")."""
+
+    inline_ms: Annotated[int, Field(ge=0, le=50_000)] = 5_000
+    """A task-capable call waits this long for its answer before it becomes a task (0: at once)."""
+    ttl_s: Annotated[float, Field(ge=1, le=86_400, allow_inf_nan=False)] = 900
+    """How long a task or background request is kept after it ends; then its id is expired."""
+    poll_interval_ms: Annotated[int, Field(ge=100, le=60_000)] = 2_000
+    """The polling interval suggested to clients (pollIntervalMs)."""
+    max_open: PositiveInt = 1_000
+    """Tasks and background requests running at once, all callers together."""
+    max_open_per_caller: PositiveInt = 100
+    """Running at once for one caller (a stdio connection, a token's subject, an HTTP session)."""
+    max_kept_bytes: Annotated[int, Field(ge=1024 * 1024)] = 64 * 1024 * 1024
+    """Memory the results of ended tasks may hold; the oldest ended are dropped first. At least 1 MiB."""
+
+    @model_validator(mode="after")
+    def _per_caller_within_total(self) -> TasksSection:
+        if self.max_open_per_caller > self.max_open:
+            raise ValueError(
+                f"max_open_per_caller ({self.max_open_per_caller}) must not be greater than max_open ({self.max_open})"
+            )
+        return self
+
+
+class BatchSection(_Section):
+    max_items: Annotated[int, Field(ge=1, le=10_000)] = 100
+    """Most items one batch_infer call may hold."""
+    concurrency: Annotated[int, Field(ge=1, le=1_000)] = 16
+    """Items of one batch in the pipeline at once (identical items count once: they share a call)."""
 
 
 class ServerSection(_Section):
@@ -269,6 +322,42 @@ class ServerSection(_Section):
     stateless: bool = False
     """HTTP: no sessions at all; every POST is served on its own (max_sessions,
     max_sessions_per_client and session_idle_s do not apply)."""
+    oauth_issuer: str | None = None
+    """HTTP: accept OAuth access tokens (JWTs) from this authorization server, exactly as its
+    tokens' `iss` says; setting it turns OAuth on (with oauth_audience)."""
+    oauth_audience: str | None = None
+    """HTTP with OAuth: this server's public MCP URL (the resource, e.g. https://mcp.example.com/mcp);
+    a token's `aud` must name it. Also where clients find the protected-resource metadata."""
+    oauth_jwks_url: str | None = None
+    """HTTP with OAuth: the issuer's key set; unset: read from the issuer's metadata
+    (/.well-known/oauth-authorization-server, else /.well-known/openid-configuration)."""
+    oauth_required_scopes: list[ScopeName] = Field(default_factory=list)
+    """HTTP with OAuth: scopes every request needs (403 insufficient_scope without one)."""
+    oauth_scope_read: ScopeName = "orchestrator:read"
+    """HTTP with OAuth: the scope for pipeline_status, dead_letters, request_status (and /metrics)."""
+    oauth_scope_use: ScopeName = "orchestrator:use"
+    """HTTP with OAuth: the scope for infer, batch_infer, cancel_request (and what read allows)."""
+    oauth_scope_admin: ScopeName = "orchestrator:admin"
+    """HTTP with OAuth: the scope for configure_worker, replay_dead_letter and any tool not mapped
+    (and what use allows)."""
+
+    @field_validator("oauth_issuer", "oauth_jwks_url", "oauth_audience")
+    @classmethod
+    def _oauth_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            check_oauth_url(value, https_only=info.field_name != "oauth_audience")
+        return value
+
+    @model_validator(mode="after")
+    def _oauth_complete(self) -> ServerSection:
+        if self.oauth_issuer is not None and self.oauth_audience is None:
+            raise ValueError(
+                "oauth_issuer needs oauth_audience: this server's public MCP URL, which tokens must be issued for"
+            )
+        for name in ("oauth_audience", "oauth_jwks_url"):
+            if getattr(self, name) is not None and self.oauth_issuer is None:
+                raise ValueError(f"{name} needs oauth_issuer (the authorization server whose tokens are accepted)")
+        return self
 
     @model_validator(mode="after")
     def _per_client_within_total(self) -> ServerSection:
@@ -278,6 +367,25 @@ class ServerSection(_Section):
                 f"max_sessions ({self.max_sessions})"
             )
         return self
+
+
+def check_oauth_url(url: str, *, https_only: bool) -> None:
+    """An OAuth URL: http(s) with a host, no query or fragment; with `https_only`, plain http only
+    on loopback (keys fetched over plain http could be swapped by anyone on the path)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http(s) URL with a host, e.g. https://login.example.com/")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if https_only and parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must be https:// (plain http only for a loopback address)")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 DEFAULT_WORKER_ORIGINS = (
@@ -327,6 +435,8 @@ class Config(_Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     server: ServerSection = Field(default_factory=ServerSection)
     security: SecuritySection = Field(default_factory=SecuritySection)
+    tasks: TasksSection = Field(default_factory=TasksSection)
+    batch: BatchSection = Field(default_factory=BatchSection)
 
 
 NO_SUCH_KEY = {

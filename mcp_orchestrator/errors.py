@@ -4,9 +4,11 @@
     ├── RequestError          a request ended without an answer (shown to its caller as it is)
     │   ├── PipelineNotRunning, RequestShed, DeadlineExceeded, StageTimeout, StageFailed
     │   ├── ShuttingDown, CancelledByShutdown   (SIGTERM: see shutdown.py)
-    │   └── WorkerFailed, CircuitOpen, RateLimited
+    │   └── WorkerFailed, CircuitOpen, RateLimited, ReplayRefused
     ├── WorkerError           a backend failed (classified retryable or permanent); the pipeline
     │                         turns the last one into WorkerFailed or CircuitOpen
+    ├── JobError              a task or background request id that is unknown, expired or over a bound
+    │   ├── JobNotFound, JobExpired, TooManyJobs
     ├── ConfigError           a config file, flag, worker spec or reload was refused: one Problem per
     │   ├── WorkerSpecError   bad key, named as the user wrote it
     │   └── ReloadError
@@ -123,6 +125,43 @@ class RateLimited(RequestError):
         super().__init__(
             f"rate limited: the {scope} limit ({rate:g} requests/s, burst {burst}) has no token for this "
             f"request before its deadline; retry_after_ms={retry_after_ms}"
+        )
+
+
+class ReplayRefused(RequestError):
+    """A dead letter's replay did not start: it was replayed already (by this process or
+    another one sharing it through Redis), or Redis could not say whether it was."""
+
+    def __init__(self, letter_id: str, why: str) -> None:
+        self.letter_id = letter_id
+        super().__init__(f"dead letter {letter_id} not replayed: {why}")
+
+
+# ---------------------------------------------------------------------------- tasks and background requests
+
+
+class JobError(OrchestratorError):
+    """A task or background request (jobs/) could not be found or started."""
+
+
+class JobNotFound(JobError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"no task or background request {job_id!r} for this caller: ids are per caller "
+            "(connection, session or token) and only valid on the server process that created them"
+        )
+
+
+class JobExpired(JobError):
+    def __init__(self, job_id: str, why: str) -> None:
+        super().__init__(f"task or background request {job_id!r} has expired: {why}")
+
+
+class TooManyJobs(JobError):
+    def __init__(self, key: str, limit: int, whose: str) -> None:
+        super().__init__(
+            f"{limit} tasks or background requests are already running {whose} ({key}); "
+            "wait for one to finish or cancel one"
         )
 
 

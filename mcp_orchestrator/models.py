@@ -7,6 +7,7 @@ Depends on nothing but pydantic, so any layer may import it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Annotated, Literal
 
@@ -49,6 +50,18 @@ class StageName(StrEnum):
 
 
 STAGE_ORDER: tuple[StageName, ...] = tuple(StageName)
+
+
+@dataclass(frozen=True, slots=True)
+class Whereabouts:
+    """Where a request is (Pipeline.locate), for the status of a long call."""
+
+    stage: StageName
+    position: int | None
+    """Its place in the inference queue (1 = next) while it waits there; None elsewhere."""
+    chunks: int
+    """Answer chunks streamed so far (about one token each)."""
+    ended: bool
 
 
 class Outcome(IntEnum):
@@ -181,6 +194,8 @@ class DeadLetter(BaseModel):
 
     id: str
     request_id: str
+    job_id: str | None = None
+    """The task or background request it belonged to (request_status / tasks/get take this id)."""
     session_id: str | None
     stage: StageName
     reason: DeadLetterReason
@@ -309,6 +324,98 @@ class BreakerStatus(BaseModel):
     probes_in_flight: int
 
 
+class BatchItem(BaseModel):
+    """One batch_infer item: a prompt, and what it sets differently from the batch's shared values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="The user prompt.")
+    system: str | None = Field(default=None, description="System prompt (default: the batch's).")
+    max_tokens: MaxTokens | None = Field(default=None, description="Cap on generated tokens.")
+    temperature: Temperature | None = Field(default=None, description="Sampling temperature, 0 to 2.")
+    top_p: TopP | None = Field(default=None, description="Nucleus sampling, (0, 1].")
+    seed: Seed | None = Field(default=None, description="Sampling seed.")
+    stop: StopList | None = Field(default=None, description="Stop sequences (at most 16).")
+    priority: Priority | None = Field(default=None, description="Scheduling class (default: the batch's).")
+
+
+class BatchItemResult(BaseModel):
+    index: int = Field(description="The item's place in the input (0-based).")
+    status: Literal["completed", "failed", "cancelled"] = Field(description="How this item ended.")
+    text: str | None = Field(default=None, description="The answer, when completed.")
+    error: str | None = Field(default=None, description="Why it has no answer, when failed or cancelled.")
+    dead_letter_id: str | None = Field(default=None, description="Its dead letter (replay_dead_letter), if any.")
+    request_id: str | None = Field(default=None, description="The pipeline request that ran it.")
+    coalesced: bool = Field(default=False, description="It shared the answer of an identical item or request.")
+    cached: bool = Field(default=False, description="Answered from the result cache.")
+    usage: Usage | None = Field(default=None, description="Token usage, when completed.")
+    finish_reason: str | None = Field(default=None, description="Why generation stopped, when completed.")
+    latency_ms: float | None = Field(default=None, description="From submission to answer, when completed.")
+
+
+class BatchResult(BaseModel):
+    total: int = Field(description="Items in the batch.")
+    completed: int = Field(description="Items with an answer.")
+    failed: int = Field(description="Items that ended with an error (each has its own).")
+    cancelled: int = Field(description="Items cancelled before they ended.")
+    distinct: int = Field(description="Distinct items: identical ones share one backend call.")
+    items: list[BatchItemResult] = Field(description="One result per item, in input order.")
+
+
+class JobsStatus(BaseModel):
+    """Tasks and background requests (jobs/): running, kept after they ended, and bounds."""
+
+    running_tasks: int = 0
+    running_background: int = 0
+    oldest_running_s: float = 0.0
+    """Age of the oldest one still running."""
+    kept: int = 0
+    """Ended ones whose results are still fetchable."""
+    kept_bytes: int = 0
+    max_kept_bytes: int = 0
+    started: int = 0
+    expired: int = 0
+    """Dropped after [tasks] ttl_s (or early, to stay within max_kept_bytes)."""
+    ttl_s: float = 0.0
+
+
+class DistributedStatus(BaseModel):
+    """State shared with other processes through Redis ([distributed] redis_url)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    redis: str
+    """scheme://host:port/db (never the password)."""
+    state: Literal["ok", "degraded"]
+    """degraded: Redis is unreachable or too slow; requests run on this process's own state."""
+    node_id: str
+    key_prefix: str
+    subscribed: bool
+    """Whether the events subscription (flight results, breaker openings) is connected."""
+    degraded_since: float | None = None
+    """Unix time Redis became unreachable (None while ok)."""
+    last_error: str | None = None
+    redis_errors: int = 0
+    """Redis commands that failed or timed out since start."""
+    transitions: int = 0
+    """Changes between ok and degraded since start."""
+    local_fallbacks: int = 0
+    """Requests served with local state because Redis could not answer."""
+    flights_led: int = 0
+    flights_followed: int = 0
+    flights_taken_over: int = 0
+    """Flights led after the previous leader's lock expired (it died or hung)."""
+    shared_cache_hits: int = 0
+    shared_cache_stored: int = 0
+    limit_reservations: int = 0
+    limit_refusals: int = 0
+    breaker_openings_shared: int = 0
+    breaker_openings_received: int = 0
+    dead_letters_backlog: int = 0
+    """Dead letters written while Redis was unreachable, waiting to be appended to the stream."""
+    dead_letters_received: int = 0
+
+
 class PipelineStatus(BaseModel):
     stages: list[StageStatus]
     totals: Totals
@@ -324,3 +431,7 @@ class PipelineStatus(BaseModel):
     reconciles: bool
     breakers: list[BreakerStatus] = Field(default_factory=list)
     """One circuit breaker per backend (per replica inside a pool or fallback chain)."""
+    distributed: DistributedStatus | None = None
+    """Sharing through Redis (None when [distributed] redis_url is not set)."""
+    jobs: JobsStatus | None = None
+    """Tasks and background requests (None for a bare Pipeline, which has none)."""

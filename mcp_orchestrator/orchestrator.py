@@ -21,6 +21,7 @@ import httpx2
 
 from mcp_orchestrator.config import Config, changed_keys, leaf_values, with_values
 from mcp_orchestrator.errors import ConfigError, Problem, ReloadError, WorkerError, WorkerSpecError
+from mcp_orchestrator.jobs import Jobs
 from mcp_orchestrator.logs import set_log_level
 from mcp_orchestrator.models import GenerationParams, InferResult, PipelineStatus, Submission
 from mcp_orchestrator.pipeline import ContextSource, Pipeline, Request
@@ -50,6 +51,8 @@ RESTART_KEYS = (
     "observability.log_format",
     "observability.metrics_port",
     "distributed.*",
+    "tasks.*",  # the job registry and its bounds are built at start-up
+    "batch.*",  # batch_infer's input schema (max_items) is built at start-up
 )
 LIVE_KEYS = (*WORKER_KEYS, "observability.log_level", "security.*")
 """Read per call (security) or applied by `reconfigure` (the worker, the log level)."""
@@ -174,6 +177,7 @@ class Orchestrator:
         stage's source unless `[stages.rag] source` names one. ConfigError when the config's
         worker or source cannot be built."""
         from mcp_orchestrator.server import build_server  # the MCP surface sits on top of this module
+        from mcp_orchestrator.server.oauth import resource_server
 
         self.config = config = config or Config()
         self.http = new_client(config.stages.inference.http)
@@ -183,7 +187,12 @@ class Orchestrator:
         self._given_source = context_source
         worker = worker or worker_from_config(config, self.worker_context(trusted=True))
         self.pipeline = Pipeline(config, worker, context_source=self._context_source(config), clock=clock)
+        self.jobs = Jobs(config.tasks)
+        """Tasks and background requests: calls that outlive their tool call (jobs/)."""
+        self.pipeline.metrics.add_live_gauges(self.jobs.live_metrics)
         self._reload_lock = anyio.Lock()
+        self.oauth = resource_server(config.server)
+        """OAuth over HTTP ([server] oauth_issuer), or None: its token verifier (and key cache) and tool scopes."""
         surface = build_server(self)
         self.server = surface.server
         """The MCP server (serve it with cli.py, or connect `mcp.Client(orchestrator.server)` in process)."""
@@ -206,6 +215,7 @@ class Orchestrator:
             stack.push_async_callback(self.http.aclose)
             await stack.enter_async_context(self.background_reads)
             await stack.enter_async_context(self.pipeline)
+            await stack.enter_async_context(self.jobs)  # stopped first: its requests end as cancelled
             self._running = stack.pop_all()
         return self
 
@@ -218,15 +228,20 @@ class Orchestrator:
         """Run one request through the pipeline: its result, or a RequestError saying why not."""
         return await self.pipeline.infer(submission, on_chunk)
 
-    def submit(self, submission: Submission, on_chunk: ChunkSink | None = None) -> Request:
-        """Start a request without waiting for it; `await orchestrator.wait(request)` later."""
-        return self.pipeline.submit(submission, on_chunk)
+    def submit(
+        self, submission: Submission, on_chunk: ChunkSink | None = None, *, job_id: str | None = None
+    ) -> Request:
+        """Start a request without waiting for it; `await orchestrator.wait(request)` later.
+        `job_id`: the task or background request it belongs to (named in its dead letter)."""
+        return self.pipeline.submit(submission, on_chunk, job_id=job_id)
 
     async def wait(self, request: Request) -> InferResult:
         return await self.pipeline.wait(request)
 
     def status(self) -> PipelineStatus:
-        return self.pipeline.status()
+        status = self.pipeline.status()
+        status.jobs = self.jobs.status()
+        return status
 
     # ------------------------------------------------------------------ changing it while it runs
 

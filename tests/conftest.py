@@ -21,6 +21,10 @@ from mcp_orchestrator.config import Config, config_from_mapping
 pytest.register_assert_rewrite("tests.support_llama", "tests.support_fault_server", "tests.support_faults_extra")
 
 
+# A developer's own REDIS_URL would make every test orchestrator share state through that Redis
+# (and child servers inherit it): the tests that share start their own server and say so.
+os.environ.pop("REDIS_URL", None)
+
 # CI replays the same examples every run, so a submission never fails on an example that
 # was never seen before; local runs keep exploring (and keep what fails in .hypothesis/).
 settings.register_profile("ci", derandomize=True, print_blob=True)

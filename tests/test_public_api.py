@@ -121,7 +121,7 @@ def test_the_config_file_takes_the_same_worker_options() -> None:
             "timeout",
         ),
         ({"stages": {"assemble": {"timeout_ms": 10}}}, "stages.assemble.timeout_ms: not a key: the assemble stage"),
-        ({"distributed": {"node_id": "a"}}, "distributed.node_id: distributed mode"),
+        ({"distributed": {"redis_url": "http://user:pw@host"}}, "distributed.redis_url: must start with redis://"),
         ({"stages": {"rag": {"source": "not a reference"}}}, "stages.rag.source: String should match pattern"),
     ],
 )

@@ -137,16 +137,20 @@ def test_redact_blanks_secret_values_and_url_passwords() -> None:
     assert redact_text("no url here") == "no url here"
 
 
-def test_distributed_redis_url_is_refused_without_echoing_it(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    """Redis sharing is not implemented: saying so beats silently running single-process."""
+def test_a_redis_password_is_never_shown(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--check-config prints the resolved settings: the Redis URL's password is redacted, and a
+    bad URL is refused without echoing it."""
     path = tmp_path / "config.toml"
     path.write_text('[distributed]\nredis_url = "redis://:TOPSECRET-redis@cache:6379/0"\n', encoding="utf-8")
     code = main(["--config", str(path), "--check-config"])
     out, err = capsys.readouterr()
-    assert code == 2
-    assert "distributed.redis_url: distributed mode" in err
+    assert code == 0, err
+    assert "cache:6379" in out and "[redacted]" in out
+    assert "TOPSECRET" not in out + err
+    path.write_text('[distributed]\nredis_url = "http://:TOPSECRET-redis@cache:6379/0"\n', encoding="utf-8")
+    code = main(["--config", str(path), "--check-config"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "distributed.redis_url" in err
     assert "TOPSECRET" not in out + err
 
 

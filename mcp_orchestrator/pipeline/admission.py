@@ -9,7 +9,8 @@ identical calls costs one of each.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -25,6 +26,9 @@ from mcp_orchestrator.pipeline.prompt import assemble_messages
 from mcp_orchestrator.pipeline.request import Request, Trip
 from mcp_orchestrator.pipeline.stages import Stages
 from mcp_orchestrator.resilience.cache import ResultCache
+
+if TYPE_CHECKING:
+    from mcp_orchestrator.pipeline.sharing import Sharing
 
 Spawn = Callable[[Callable[[Trip], Coroutine[Any, Any, None]], Trip], None]
 
@@ -48,7 +52,7 @@ class Admission:
         self.limits = limits
         """All three read per request: a config reload replaces them (see Pipeline.reconfigure)."""
         self._ledger = ledger
-        self._trips = trips
+        self.trips = trips
         self._stages = stages
         self._cache = cache
         self._lease = lease
@@ -56,6 +60,8 @@ class Admission:
         self._spawn: Spawn | None = None
         self.admitting = True
         """False once the server began to shut down (shutdown.py): new requests are refused."""
+        self.sharing: Sharing | None = None
+        """Set when [distributed] redis_url is: new trips consult other processes (sharing.py)."""
 
     def start(self, spawn: Spawn | None) -> None:
         """Running (waits for rate-limit tokens run as tasks through `spawn`), or stopping (None)."""
@@ -78,6 +84,7 @@ class Admission:
         submission = request.submission
         key: str | None = None
         messages: tuple[Message, ...] = ()
+        sharing = self.sharing
         if (submission.cache or submission.dedup) and self.shares_answers():
             # With no context source these are exactly the messages the assemble stage builds.
             messages = assemble_messages(submission.prompt, submission.system, [])
@@ -88,13 +95,17 @@ class Admission:
                     self._answer_from_cache(request, cached.unpack(), now)
                     return
             if submission.dedup:
-                trip = self._trips.flights.get(key)
+                trip = self.trips.flights.get(key)
                 if trip is not None:
-                    self._trips.join(trip, request)
+                    self.trips.join(trip, request)
                     return
-        trip = self._trips.start(request, key, now, shared=submission.dedup)
+        trip = self.trips.start(request, key, now, shared=submission.dedup)
         trip.messages = messages
-        self._pass_limits(trip, now)
+        if sharing is not None and key is not None and self._spawn is not None:
+            shared_key = sharing.key(messages, submission.params)
+            self._spawn(partial(sharing.share, key=shared_key, lead=submission.dedup), trip)
+            return
+        self.pass_limits(trip, now)
 
     def _key(self, messages: tuple[Message, ...], request: Request) -> str:
         """Unset parameters stay unset in the key: the worker fills them from its own settings,
@@ -111,18 +122,29 @@ class Admission:
             request.on_chunk(answer.text)
         self._ledger.end(request, Outcome.completed, now, answer=answer)
 
-    def _pass_limits(self, trip: Trip, now: float) -> None:
-        """Pass the rate limits (now, or by waiting for tokens) and enter the stages."""
+    def now(self) -> float:
+        return self._time()
+
+    def pass_limits(self, trip: Trip, now: float) -> None:
+        """Pass the rate limits (now, or by waiting for tokens) and enter the stages: the
+        buckets shared with other processes when sharing, else this process's own."""
+        if self.sharing is not None and self.limits.enabled and self._spawn is not None:
+            self._spawn(self.sharing.pass_limits, trip)
+            return
+        self.pass_local_limits(trip, now)
+
+    def pass_local_limits(self, trip: Trip, now: float) -> None:
+        """Pass this process's own rate limits (now, or by waiting for tokens) and enter the stages."""
         budget = trip.deadline - now - self.rate_limits.min_remaining_ms / 1000
         try:
             admitted = self.limits.admit_now(trip.rank, trip.submission.session_id, budget)
         except RateLimited as exc:
-            self._trips.refuse(trip, exc)
+            self.trips.refuse(trip, exc)
             return
         if admitted:
             self._stages.enter(trip, now)
         elif self._spawn is None:  # shutting down: nothing will admit it
-            self._trips.refuse(trip, PipelineNotRunning())
+            self.trips.refuse(trip, PipelineNotRunning())
         else:
             self._spawn(self._wait_for_tokens, trip)
 
@@ -142,12 +164,16 @@ class Admission:
                     except RateLimited as exc:
                         if trip.deadline > deadline:
                             continue  # a waiter with more time joined meanwhile: try again for it
-                        self._trips.refuse(trip, exc)
+                        self.trips.refuse(trip, exc)
                         return
             finally:
                 trip.scope = None
         if scope.cancelled_caught or trip.stopped:
             return
+        self.entered_after_wait(trip)
+
+    def entered_after_wait(self, trip: Trip) -> None:
+        """The trip got its tokens after waiting: into the stages, the wait counted as admission time."""
         now = self._time()
         trip.stage_ms["admission"] = (now - trip.entered_at) * 1000
         self._stages.enter(trip, now)

@@ -4,7 +4,7 @@ backend's history survives a swap or a reload, shown in status and metrics."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import Metric
 
@@ -26,6 +26,9 @@ class Breakers:
         self._clock = clock
         self._metrics = metrics
         self._by_name: dict[str, CircuitBreaker] = {}
+        self.on_open: Callable[[str, float], None] | None = None
+        """Told when one of our breakers opens by itself (name, seconds): sharing tells other processes."""
+        self._forcing = False
 
     def __iter__(self) -> Iterator[CircuitBreaker]:
         return iter(tuple(self._by_name.values()))
@@ -47,6 +50,18 @@ class Breakers:
         for name in set(self._by_name) - current:
             del self._by_name[name]
         return guarded
+
+    def open_for(self, name: str, seconds: float) -> None:
+        """Open `name`'s breaker for `seconds` because another process opened its own (a backend
+        we do not use is ignored). Not shared back: that process already told everyone."""
+        breaker = self._by_name.get(name)
+        if breaker is None:
+            return
+        self._forcing = True
+        try:
+            breaker.force_open(seconds)
+        finally:
+            self._forcing = False
 
     def update(self, settings: BreakerSettings) -> None:
         """New thresholds for every breaker (a config reload); states and counts are kept."""
@@ -83,6 +98,8 @@ class Breakers:
     def _moved(self, name: str, old: BreakerState, new: BreakerState) -> None:
         self._metrics.breaker_transitions.labels(name, new.value).inc()
         if new is BreakerState.open:
+            if self.on_open is not None and not self._forcing:
+                self.on_open(name, self.settings.timeout_s)
             log.warning(
                 "circuit breaker for %s opened (was %s): failing fast for %g s",
                 name,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from mcp_orchestrator.errors import RequestError, RequestShed
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import DeadLetterReason, GenerationParams, Message, Outcome, StageName
-from mcp_orchestrator.pipeline.answers import CachedAnswer
+from mcp_orchestrator.pipeline.answers import Answer, CachedAnswer
 from mcp_orchestrator.pipeline.dead_letters import DeadLetterQueue
 from mcp_orchestrator.pipeline.ledger import Ledger
 from mcp_orchestrator.pipeline.request import Request, Trip
@@ -126,8 +126,8 @@ class Trips:
 
     def complete(self, trip: Trip) -> None:
         """The trip's answer is every waiter's; it is cached for identical requests to come."""
-        waiters = self._close(trip)
         answer = trip.answer()
+        waiters = self._close(trip, answer)
         if trip.key is not None and trip.cacheable:
             self._cache.put(trip.key, CachedAnswer.pack(answer))
         now = self._time()
@@ -139,18 +139,20 @@ class Trips:
 
     def fail(self, trip: Trip, error: RequestError, reason: DeadLetterReason) -> None:
         """The trip ended without an answer: one dead letter, the error to every waiter."""
-        waiters = self._close(trip)
+        waiters = self._close(trip, failure=str(error))
         if waiters:
-            self._letter(waiters[0], trip.stage, error, reason)
+            self._letter(waiters[0], trip.stage, error, reason, _job_of(waiters))
             self._end_all(waiters, Outcome.failed, error)
 
     def expire(self, request: Request, error: RequestError) -> None:
         """`request`'s own deadline passed while it waited: a dead letter of its own."""
-        self._letter(request, request.where, error, DeadLetterReason.deadline_exceeded)
+        self._letter(request, request.where, error, DeadLetterReason.deadline_exceeded, request.job_id)
         self._ledger.end(request, Outcome.failed, self._time(), error)
 
-    def _letter(self, request: Request, stage: StageName, error: RequestError, reason: DeadLetterReason) -> None:
-        letter = self._dead_letters.add(request.id, request.submission, stage, reason, str(error))
+    def _letter(
+        self, request: Request, stage: StageName, error: RequestError, reason: DeadLetterReason, job_id: str | None
+    ) -> None:
+        letter = self._dead_letters.add(request.id, request.submission, stage, reason, str(error), job_id)
         error.dead_letter_id = letter.id
         self._metrics.errors.labels(stage.value, reason.value).inc()
         log.info("request %s failed in %s: %s (dead letter %s)", request.id, stage.value, error, letter.id)
@@ -160,7 +162,12 @@ class Trips:
         waiters = self._close(trip)
         first = waiters[0].id if waiters else ""
         letter = self._dead_letters.add(
-            first, trip.submission, stage, DeadLetterReason.queue_full, f"{stage.value} queue full ({capacity})"
+            first,
+            trip.submission,
+            stage,
+            DeadLetterReason.queue_full,
+            f"{stage.value} queue full ({capacity})",
+            _job_of(waiters),
         )
         self._metrics.shed.labels(stage.value).inc()
         self._end_all(waiters, Outcome.shed, RequestShed(stage.value, capacity, letter.id))
@@ -175,9 +182,31 @@ class Trips:
         for request in list(self._ledger.live.values()):
             self._ledger.end(request, Outcome.failed, self._time(), error)
 
-    def _close(self, trip: Trip) -> list[Request]:
-        """Stop `trip` and take its waiters (the trip no longer holds them)."""
+    def answer_shared(self, trip: Trip, answer: Answer, *, cached: bool) -> None:
+        """Another process answered: the shared cache held it (`cached`) or its flight just
+        ended. No backend call of ours, so every waiter is a cache hit or coalesced."""
+        for request in trip.waiters.values():
+            if cached:
+                request.cached = True
+            else:
+                request.coalesced = True
+        trip.text, trip.usage, trip.finish_reason = answer.text, answer.usage, answer.finish_reason
+        trip.worker, trip.model, trip.provenance = answer.worker, answer.model, answer.provenance
+        self.complete(trip)
+
+    def _close(self, trip: Trip, answer: Answer | None = None, failure: str | None = None) -> list[Request]:
+        """Stop `trip` and take its waiters (the trip no longer holds them). A trip leading a
+        flight shared with other processes tells them how it ended (its answer, its failure,
+        or neither: then one of them takes the flight over)."""
         trip.stop()
+        lead, trip.lead = trip.lead, None
+        if lead is not None:
+            if answer is not None:
+                lead.finish(answer, trip.cacheable)
+            elif failure is not None:
+                lead.fail(failure)
+            else:
+                lead.release()
         if trip.key is not None and self.flights.get(trip.key) is trip:
             del self.flights[trip.key]
         if trip.stage is StageName.inference:
@@ -193,3 +222,8 @@ class Trips:
         now = self._time()
         for request in waiters:
             self._ledger.end(request, outcome, now, error)
+
+
+def _job_of(waiters: list[Request]) -> str | None:
+    """The task or background request a shared trip's dead letter names: the first waiter's that has one."""
+    return next((request.job_id for request in waiters if request.job_id is not None), None)

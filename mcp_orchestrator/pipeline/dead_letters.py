@@ -11,6 +11,7 @@ import itertools
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mcp_orchestrator.models import DeadLetter, DeadLetterReason, StageName, Submission
@@ -40,6 +41,10 @@ class DeadLetterQueue:
         self.held_bytes = 0
         self.dropped = 0
         """Entries pushed out by newer ones (shown in pipeline_status and metrics)."""
+        self.id_prefix = "dl-"
+        """Sharing through Redis makes it unique per process (dl-<node tag>-<n>)."""
+        self.on_add: Callable[[DeadLetterEntry], None] | None = None
+        """Told of each letter written here (sharing appends it to the Redis stream)."""
 
     @property
     def capacity(self) -> int:
@@ -72,11 +77,18 @@ class DeadLetterQueue:
         return len(self._entries)
 
     def add(
-        self, request_id: str, submission: Submission, stage: StageName, reason: DeadLetterReason, error: str
+        self,
+        request_id: str,
+        submission: Submission,
+        stage: StageName,
+        reason: DeadLetterReason,
+        error: str,
+        job_id: str | None = None,
     ) -> DeadLetter:
         letter = DeadLetter(
-            id=f"dl-{next(self._ids)}",
+            id=f"{self.id_prefix}{next(self._ids)}",
             request_id=request_id,
+            job_id=job_id,
             session_id=submission.session_id,
             stage=stage,
             reason=reason,
@@ -85,10 +97,20 @@ class DeadLetterQueue:
             created_at=time.time(),
         )
         entry = DeadLetterEntry(letter, submission, letter_size(submission, error))
-        self._entries[letter.id] = entry
+        self._hold(entry)
+        if self.on_add is not None:
+            self.on_add(entry)
+        return letter
+
+    def add_shared(self, letter: DeadLetter, submission: Submission) -> None:
+        """Hold a letter another process wrote (read from Redis); one already held is kept as is."""
+        if letter.id not in self._entries:
+            self._hold(DeadLetterEntry(letter, submission, letter_size(submission, letter.error)))
+
+    def _hold(self, entry: DeadLetterEntry) -> None:
+        self._entries[entry.letter.id] = entry
         self.held_bytes += entry.size
         self._trim()
-        return letter
 
     def get(self, letter_id: str) -> DeadLetterEntry | None:
         return self._entries.get(letter_id)

@@ -57,9 +57,11 @@ class Ledger:
         """Request ids are this random prefix plus a counter: unique, and cheaper than a uuid each."""
         self._serial = 0
 
-    def open(self, submission: Submission, now: float, deadline: float, on_chunk: ChunkSink | None) -> Request:
+    def open(
+        self, submission: Submission, now: float, deadline: float, on_chunk: ChunkSink | None, job_id: str | None
+    ) -> Request:
         self._serial += 1
-        request = Request(f"{self._id_prefix}{self._serial:012x}", submission, now, deadline, on_chunk)
+        request = Request(f"{self._id_prefix}{self._serial:012x}", submission, now, deadline, on_chunk, job_id)
         self.counters.submitted += 1
         self.live[request.id] = request
         return request

@@ -16,9 +16,10 @@ plain library call can drive it.
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -27,7 +28,16 @@ from prometheus_client.core import Metric
 from mcp_orchestrator.config import Config
 from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning, RequestError
 from mcp_orchestrator.metrics import Metrics
-from mcp_orchestrator.models import InferResult, Outcome, PipelineStatus, StageTimings, Submission, Usage
+from mcp_orchestrator.models import (
+    InferResult,
+    Outcome,
+    PipelineStatus,
+    StageName,
+    StageTimings,
+    Submission,
+    Usage,
+    Whereabouts,
+)
 from mcp_orchestrator.pipeline.admission import Admission
 from mcp_orchestrator.pipeline.answers import CachedAnswer
 from mcp_orchestrator.pipeline.breakers import Breakers
@@ -44,6 +54,9 @@ from mcp_orchestrator.pipeline.status import live_metrics, pipeline_status
 from mcp_orchestrator.resilience.cache import ResultCache
 from mcp_orchestrator.resilience.retry import AnyioClock, Clock, loop_clock
 from mcp_orchestrator.workers.base import Worker
+
+if TYPE_CHECKING:
+    from mcp_orchestrator.pipeline.sharing import Sharing
 
 RESTART_KEYS = (
     "stages.rag.channel_capacity",
@@ -145,6 +158,8 @@ class Pipeline:
         self.concurrency = config.stages.inference.concurrency
         self.started_at: float | None = None
         self._task_group: TaskGroup | None = None
+        self.sharing = self._sharing(config)
+        """Sharing with other processes through Redis ([distributed] redis_url), or None."""
         self.metrics.add_live_gauges(self._live_metrics)
 
     # ------------------------------------------------------------------ lifecycle
@@ -161,8 +176,35 @@ class Pipeline:
     def context_source(self) -> ContextSource | None:
         return self.stages.context_source
 
+    def _sharing(self, config: Config) -> Sharing | None:
+        url = config.distributed.url(os.environ)
+        if url is None:
+            return None
+        from mcp_orchestrator.pipeline.sharing import build_sharing  # Redis is imported only when used
+
+        sharing = build_sharing(url, config, lambda: self.config, self.lease, self.breakers, self.dead_letters)
+        self.admission.sharing = sharing
+        sharing.admission = self.admission
+        return sharing
+
+    async def claim_replay(self, letter_id: str) -> None:
+        """When sharing through Redis: claim the one replay of a dead letter across every
+        process (ReplayRefused when another replay has it). Without sharing: nothing to do."""
+        if self.sharing is not None:
+            await self.sharing.claim_replay(letter_id)
+
+    @asynccontextmanager
+    async def _run_shared(self) -> AsyncIterator[None]:
+        """Run with sharing's background tasks around the pipeline's (they outlive its last trip)."""
+        if self.sharing is None:
+            async with self._run():
+                yield
+        else:
+            async with self.sharing.shared.running(), self._run():
+                yield
+
     async def __aenter__(self) -> Pipeline:
-        self._exit_stack = self._run()
+        self._exit_stack = self._run_shared()
         await self._exit_stack.__aenter__()
         return self
 
@@ -208,13 +250,16 @@ class Pipeline:
         """Run one request through every stage and return its result (or raise why not)."""
         return await self.wait(self.submit(submission, on_chunk))
 
-    def submit(self, submission: Submission, on_chunk: ChunkSink | None = None) -> Request:
-        """Start a request; `wait` for its result. Raises PipelineNotRunning when stopped."""
+    def submit(
+        self, submission: Submission, on_chunk: ChunkSink | None = None, *, job_id: str | None = None
+    ) -> Request:
+        """Start a request; `wait` for its result. Raises PipelineNotRunning when stopped.
+        `job_id`: the task or background request it belongs to (named in its dead letter)."""
         if self._task_group is None:
             raise PipelineNotRunning()
         now = self._time()
         deadline_ms = submission.deadline_ms or self.config.pipeline.default_deadline_ms
-        request = self.ledger.open(submission, now, now + deadline_ms / 1000, on_chunk)
+        request = self.ledger.open(submission, now, now + deadline_ms / 1000, on_chunk, job_id)
         self.admission.admit(request, now)
         return request
 
@@ -235,6 +280,15 @@ class Pipeline:
             return self._result(request)
         assert request.error is not None
         raise request.error
+
+    def locate(self, request: Request) -> Whereabouts:
+        """Where a request is now: its stage, its place in the inference queue while it waits
+        there, and the chunks its answer has streamed so far."""
+        trip = request.trip
+        if request.ended or trip is None:
+            return Whereabouts(request.where, None, 0, request.ended)
+        position = self.stages.inference.position(trip) if trip.stage is StageName.inference else None
+        return Whereabouts(trip.stage, position, trip.chunks, False)
 
     def _result(self, request: Request) -> InferResult:
         answer = request.answer

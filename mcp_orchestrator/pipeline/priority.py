@@ -69,6 +69,13 @@ class PriorityQueue(Generic[T]):
                 raise
         return heapq.heappop(self._heap)[2]
 
+    def position(self, item: T) -> int | None:
+        """Where `item` waits: 1 is next out; None when it is not waiting. O(n), for status reads."""
+        for sort_key, tiebreak, queued, _, _ in self._heap:
+            if queued is item:
+                return 1 + sum(1 for entry in self._heap if (entry[0], entry[1]) < (sort_key, tiebreak))
+        return None
+
     def discard(self, item: T) -> bool:
         """Remove `item` if it is still waiting (it ended while queued); O(n). Returns whether it was there."""
         for index, entry in enumerate(self._heap):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import anyio
 
@@ -25,6 +26,17 @@ ChunkSink = Callable[[str], None]
 """Receives the answer's text chunks as they stream (a caller's progress, say)."""
 
 
+class Lead(Protocol):
+    """A trip that calls the backend on behalf of other processes too (pipeline/sharing.py):
+    told once how the trip ended, so those processes learn it."""
+
+    def finish(self, answer: Answer, cacheable: bool) -> None: ...
+
+    def fail(self, error: str) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     id: str
@@ -34,6 +46,8 @@ class Request:
     deadline: float
     """When this request's caller stops waiting (loop time); never moved."""
     on_chunk: ChunkSink | None = None
+    job_id: str | None = None
+    """The task or background request (jobs/) it belongs to, if any: its dead letter names it."""
     trip: Trip | None = None
     """The trip it waits on, while it waits."""
     coalesced: bool = False
@@ -78,6 +92,8 @@ class Trip:
     context: list[str] = field(default_factory=list)
     messages: tuple[Message, ...] = ()
     text: str = ""
+    chunks: int = 0
+    """Text chunks the backend has streamed so far, all attempts (progress of a long answer)."""
     usage: Usage | None = None
     finish_reason: str | None = None
     worker: str = ""
@@ -90,6 +106,8 @@ class Trip:
     """The scope of the work running on it now (a rate-limit wait, retrieval, the backend call)."""
     on_extend: Callable[[float], None] | None = None
     """Moves the running stage's end when a waiter with a later deadline joins."""
+    lead: Lead | None = None
+    """Set while this trip leads a flight shared with other processes (told when it ends)."""
 
     def enter(self, stage: StageName, now: float) -> None:
         """Close the timing of the current stage and start `stage`'s."""
@@ -107,6 +125,7 @@ class Trip:
 
     def broadcast(self, text: str) -> bool:
         """Hand a chunk to every waiter that asked for chunks; whether anyone received it."""
+        self.chunks += 1
         if not self.sinks:
             return False
         for sink in tuple(self.sinks.values()):

@@ -16,6 +16,7 @@ from mcp_orchestrator.models import (
     STAGE_ORDER,
     CacheStatus,
     DeadLetterStatus,
+    DistributedStatus,
     Outcome,
     Percentiles,
     PipelineStatus,
@@ -67,6 +68,7 @@ def pipeline_status(pipeline: Pipeline) -> PipelineStatus:
         uptime_s=pipeline.uptime_s(),
         reconciles=ledger.reconciles(),
         breakers=Breakers.status(lease.guarded),
+        distributed=pipeline.sharing.shared.status() if pipeline.sharing is not None else None,
     )
 
 
@@ -146,3 +148,26 @@ def live_metrics(pipeline: Pipeline) -> Iterable[Metric]:
         [([], float(letters.dropped))],
     )
     yield from Breakers.gauges(Breakers.status(pipeline.lease.current.guarded))
+    if pipeline.sharing is not None:
+        yield from shared_metrics(pipeline.sharing.shared.status())
+
+
+def shared_metrics(shared: DistributedStatus) -> Iterable[Metric]:
+    """Sharing through Redis: whether it works now, and what it saved."""
+    up = 1.0 if shared.state == "ok" else 0.0
+    yield gauge("orchestrator_redis_up", "1 while Redis answers, 0 while requests run on local state", [], [([], up)])
+    yield counter(
+        "orchestrator_redis_errors", "Redis commands that failed or timed out", [], [([], float(shared.redis_errors))]
+    )
+    yield counter(
+        "orchestrator_redis_local_fallbacks",
+        "Requests served with this process's own state because Redis could not answer",
+        [],
+        [([], float(shared.local_fallbacks))],
+    )
+    yield counter(
+        "orchestrator_shared_answers",
+        "Answers another process produced: from the shared cache, or by following its flight",
+        ["source"],
+        [(["cache"], float(shared.shared_cache_hits)), (["flight"], float(shared.flights_followed))],
+    )

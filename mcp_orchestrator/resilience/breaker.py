@@ -195,6 +195,17 @@ class CircuitBreaker:
             raise BreakerOpen(self.name, 1.0, probing=True)
         raise BreakerOpen(self.name, self.retry_after_s())
 
+    def force_open(self, for_s: float) -> None:
+        """Open now and refuse calls for `for_s` seconds (at most the timeout): someone who
+        shares this backend's health (another process) saw it fail. Never shortens an
+        opening already under way."""
+        for_s = min(for_s, self.settings.timeout_s)
+        if for_s <= 0 or (self.state is BreakerState.open and self.retry_after_s() >= for_s):
+            return
+        if self._state is not BreakerState.open:
+            self._transition(BreakerState.open)
+        self._opened_at = self._now() - (self.settings.timeout_s - for_s)
+
     def update(self, settings: BreakerSettings) -> None:
         """New thresholds (config reload); the current state and counts are kept."""
         self.settings = settings

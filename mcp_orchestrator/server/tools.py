@@ -12,20 +12,36 @@ signatures, whose constraints use values from the config.
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
+import anyio
+import anyio.lowlevel
+from anyio.streams.memory import MemoryObjectReceiveStream
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import AfterValidator, BaseModel, Field, GetJsonSchemaHandler, Strict
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from mcp_orchestrator import __version__
 from mcp_orchestrator.errors import ConfigError, OrchestratorError, Problem, WorkerError, WorkerSpecError
+from mcp_orchestrator.jobs.batch import ItemOutcome, groups_of, run_batch
 from mcp_orchestrator.models import (
+    BatchItem,
+    BatchItemResult,
+    BatchResult,
     DeadLetter,
     DeadLetterReason,
     GenerationParams,
@@ -39,9 +55,23 @@ from mcp_orchestrator.models import (
     Temperature,
     TopP,
 )
+from mcp_orchestrator.pipeline.request import ChunkSink, Request
 from mcp_orchestrator.server.arguments import ArgumentCheck, ExtraCheck, invalid_arguments
-from mcp_orchestrator.server.progress import with_progress
-from mcp_orchestrator.server.schema import flat_json_schema
+from mcp_orchestrator.server.background import (
+    CANCEL_SETTLE_S,
+    CURRENT_JOB,
+    MAX_STATUS_WAIT_MS,
+    JobView,
+    as_job,
+    describe,
+    describe_request,
+    owner_of,
+    queued_result,
+    status_result,
+)
+from mcp_orchestrator.server.progress import Reporter, with_heartbeat, with_progress
+from mcp_orchestrator.server.schema import either, flat_json_schema
+from mcp_orchestrator.server.tasks import TasksExtension
 from mcp_orchestrator.workers.options import CONFIG_ONLY, WorkerOptions
 from mcp_orchestrator.workers.registry import BuildContext, parse_options, summaries
 
@@ -53,11 +83,16 @@ _Tool = TypeVar("_Tool", bound=Callable[..., Any])
 INSTRUCTIONS = (
     "Runs prompts through a production LLM pipeline (RAG -> assemble -> inference -> "
     "post-process -> stream) with load shedding, deadlines and priorities. Use `infer` to "
-    "get an answer, `pipeline_status` to see load and health, `dead_letters` and "
-    "`replay_dead_letter` for requests that were shed or failed, `configure_worker` to "
-    "switch the model backend."
+    "get an answer, `batch_infer` for many prompts at once, `pipeline_status` to see load and "
+    "health, `dead_letters` and `replay_dead_letter` for requests that were shed or failed, "
+    "`configure_worker` to switch the model backend. For slow local models or long answers, "
+    "pass background=true and fetch the result with `request_status` (cancel with `cancel_request`)."
 )
 MAX_SESSION_ID = 256
+BACKGROUND_HELP = (
+    "Return at once with a request_id instead of waiting (for slow models or long answers, which "
+    "hosts may give up on); fetch the result with request_status."
+)
 
 
 def _non_blank(value: str | None) -> str | None:
@@ -70,12 +105,54 @@ NonBlank = AfterValidator(_non_blank)
 
 
 class InferOutput(InferResult):
-    """InferResult as `infer` and `replay_dead_letter` publish it: the same fields, with the flat
+    """InferResult as `replay_dead_letter` publishes it: the same fields, with the flat
     output schema of `flat_json_schema` (cheap for clients to validate every result against)."""
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
         return flat_json_schema(InferResult)
+
+
+class _Either(BaseModel):
+    """An output model for a tool that returns one of two shapes: the SDK checks every
+    structured result against its tool's output model, and this one accepts exactly what
+    `first` or `second` accepts. Its published schema is `either(first, second)`."""
+
+    model_config = ConfigDict(extra="allow")
+    shapes: ClassVar[tuple[type[BaseModel], type[BaseModel]]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_the_shapes(cls, data: Any) -> Any:
+        first, second = cls.shapes
+        try:
+            first.model_validate(data)
+        except ValidationError:
+            second.model_validate(data)  # neither: this one's errors are raised
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return either(*cls.shapes)
+
+
+class InferOrQueued(_Either):
+    """`infer`'s output: its result, or (background=true) the queued request's status. The
+    answer's flat schema is the first branch: a validator that accepts it looks no further."""
+
+    shapes = (InferResult, JobView)
+
+
+class BatchOrQueued(_Either):
+    """`batch_infer`'s output: the batch's results, or (background=true) its status."""
+
+    shapes = (BatchResult, JobView)
+
+
+class JobOutput(JobView):
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        return flat_json_schema(JobView)
 
 
 class DeadLetterList(BaseModel):
@@ -109,6 +186,7 @@ class Surface:
 def build_server(orchestrator: "Orchestrator") -> Surface:
     config = orchestrator.config
     max_prompt = config.pipeline.max_prompt_chars
+    max_items = config.batch.max_items
     max_deadline = config.pipeline.max_deadline_ms
     server = MCPServer(
         name=config.pipeline.name,
@@ -116,8 +194,20 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         description=config.pipeline.description,
         instructions=INSTRUCTIONS,
         log_level=config.observability.log_level.upper(),  # type: ignore[arg-type]
+        extensions=[TasksExtension(orchestrator.jobs, orchestrator.pipeline, config.tasks)],
+        auth=orchestrator.oauth.settings if orchestrator.oauth else None,  # OAuth over HTTP: server/oauth.py
+        token_verifier=orchestrator.oauth.verifier if orchestrator.oauth else None,
     )
     arguments = ArgumentCheck()
+    # Arguments infer and batch_infer share (no __future__ annotations here: the SDK reads these).
+    SystemArg = Annotated[str | None, Field(max_length=max_prompt, description="System prompt."), NonBlank]
+    MaxTokensArg = Annotated[MaxTokens | None, Field(description="Cap on generated tokens.")]
+    TemperatureArg = Annotated[Temperature | None, Field(description="Sampling temperature, 0 to 2.")]
+    TopPArg = Annotated[TopP | None, Field(description="Nucleus sampling, (0, 1].")]
+    SeedArg = Annotated[Seed | None, Field(description="Sampling seed, for repeatable answers.")]
+    StopArg = Annotated[StopList | None, Field(description="Stop sequences (at most 16).")]
+    CacheArg = Annotated[bool, Strict(), Field(description="Answer from (and store into) the result cache.")]
+    BackgroundArg = Annotated[bool, Strict(), Field(description=BACKGROUND_HELP)]
 
     def tool(extra: ExtraCheck | None = None, **options: Any) -> Callable[[_Tool], _Tool]:
         """Register a tool: its docstring (dedented) is the description, its signature the
@@ -128,6 +218,8 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
 
             @functools.wraps(function)
             async def run(*args: Any, **kwargs: Any) -> Any:
+                if orchestrator.oauth and (refused := orchestrator.oauth.refusal(name)):  # scopes.py
+                    raise ToolError(refused)  # before the tool runs: a refused call changes nothing
                 try:
                     return await function(*args, **kwargs)
                 except ConfigError as exc:  # bad option values: an argument error like any other
@@ -162,12 +254,12 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         priority: Annotated[
             Priority, Field(description="Scheduling class: critical, high, normal or low.")
         ] = Priority.normal,
-        system: Annotated[str | None, Field(max_length=max_prompt, description="System prompt."), NonBlank] = None,
-        max_tokens: Annotated[MaxTokens | None, Field(description="Cap on generated tokens.")] = None,
-        temperature: Annotated[Temperature | None, Field(description="Sampling temperature, 0 to 2.")] = None,
-        top_p: Annotated[TopP | None, Field(description="Nucleus sampling, (0, 1].")] = None,
-        seed: Annotated[Seed | None, Field(description="Sampling seed, for repeatable answers.")] = None,
-        stop: Annotated[StopList | None, Field(description="Stop sequences (at most 16).")] = None,
+        system: SystemArg = None,
+        max_tokens: MaxTokensArg = None,
+        temperature: TemperatureArg = None,
+        top_p: TopPArg = None,
+        seed: SeedArg = None,
+        stop: StopArg = None,
         deadline_ms: Annotated[
             int | None,
             Strict(),
@@ -176,8 +268,9 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         dedup: Annotated[
             bool, Strict(), Field(description="Share the answer of an identical request in flight.")
         ] = True,
-        cache: Annotated[bool, Strict(), Field(description="Answer from (and store into) the result cache.")] = True,
-    ) -> Annotated[CallToolResult, InferOutput]:
+        cache: CacheArg = True,
+        background: BackgroundArg = False,
+    ) -> Annotated[CallToolResult, InferOrQueued]:
         """Run a prompt through the pipeline on the configured worker and return the answer.
 
         The text content is the answer; the structured result adds request id, worker,
@@ -185,6 +278,9 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         (the backend that answered, calls made, failed hops, its breaker state). Chunks are
         sent as progress notifications while they arrive; once one has been sent, a broken
         stream fails instead of being retried (a retry would repeat the text).
+
+        For a slow local model or a long answer, pass background=true: the call returns at once
+        with a request_id, and request_status(request_id, wait_ms) fetches the answer.
         """
         submission = Submission(
             prompt=prompt,
@@ -198,7 +294,200 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
             dedup=dedup,
             cache=cache,
         )
-        return _answer(await with_progress(ctx, lambda on_chunk: orchestrator.infer(submission, on_chunk)))
+        if background and CURRENT_JOB.get() is None:
+            return await start_background(ctx, "infer", lambda: answer(ctx, submission))
+        return await answer(ctx, submission)
+
+    async def answer(ctx: Context, submission: Submission) -> CallToolResult:
+        """One submission's answer: for a job (its request tracked there), or for this call
+        (chunks and heartbeats as progress)."""
+        job = CURRENT_JOB.get()
+        if job is not None:
+            request = orchestrator.submit(submission, job_id=job.id)
+            job.track(request)
+            return _answer(await orchestrator.wait(request))
+        started: list[Request] = []
+
+        def run(on_chunk: ChunkSink | None) -> Awaitable[InferResult]:
+            request = orchestrator.submit(submission, on_chunk)
+            started.append(request)
+            return orchestrator.wait(request)
+
+        def where() -> str:
+            return describe_request(started[0], orchestrator.pipeline) if started else "starting"
+
+        return _answer(await with_progress(ctx, run, where))
+
+    async def start_background(
+        ctx: Context, tool: str, body: Callable[[], Awaitable[CallToolResult]]
+    ) -> CallToolResult:
+        owner = owner_of(ctx.request_context)
+        job = orchestrator.jobs.start(owner, tool, "background", lambda job: as_job(job, body))
+        await anyio.lowlevel.checkpoint()  # let it submit its request: the answer says where it is
+        return queued_result(job, orchestrator.pipeline, config.tasks.poll_interval_ms)
+
+    @tool(
+        title="Run many prompts through the LLM pipeline",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True
+        ),
+    )
+    async def batch_infer(
+        ctx: Context,
+        prompts: Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=max_prompt), NonBlank]] | None,
+            Field(min_length=1, max_length=max_items, description="The prompts, sharing every other argument."),
+        ] = None,
+        items: Annotated[
+            list[BatchItem] | None,
+            Field(
+                min_length=1,
+                max_length=max_items,
+                description="Instead of prompts: items that may each set system, max_tokens, temperature, "
+                "top_p, seed, stop or priority of their own.",
+            ),
+        ] = None,
+        session_id: Annotated[
+            str | None,
+            Field(min_length=1, max_length=MAX_SESSION_ID, description="Groups requests for rate limits."),
+            NonBlank,
+        ] = None,
+        priority: Annotated[Priority, Field(description="Scheduling class of every item.")] = Priority.normal,
+        system: SystemArg = None,
+        max_tokens: MaxTokensArg = None,
+        temperature: TemperatureArg = None,
+        top_p: TopPArg = None,
+        seed: SeedArg = None,
+        stop: StopArg = None,
+        deadline_ms: Annotated[
+            int | None,
+            Strict(),
+            Field(ge=1, le=max_deadline, description="Each item gives up after this many milliseconds."),
+        ] = None,
+        dedup: Annotated[
+            bool, Strict(), Field(description="Identical items (and identical requests in flight) share one call.")
+        ] = True,
+        cache: CacheArg = True,
+        background: BackgroundArg = False,
+    ) -> Annotated[CallToolResult, BatchOrQueued]:
+        """Run many prompts at once (give `prompts`, or `items` with settings of their own) and
+        return one result per item, in input order, each with its own status: the answer, or
+        the error and its dead letter. One item's failure does not fail the batch; identical
+        items share one backend call (marked coalesced). Rate limits, priorities and the
+        pipeline's concurrency apply to every item. Progress reports items done of the total.
+        A large batch on a slow model takes long: pass background=true and fetch the results
+        with request_status.
+        """
+        shared = Submission(
+            prompt="-",
+            session_id=session_id,
+            priority=priority,
+            system=system,
+            params=GenerationParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=tuple(stop or ()), seed=seed
+            ),
+            deadline_ms=deadline_ms,
+            dedup=dedup,
+            cache=cache,
+        )
+        submissions = batch_submissions(shared, prompts, items)
+        if background and CURRENT_JOB.get() is None:
+            return await start_background(ctx, "batch_infer", lambda: run_batch_call(ctx, submissions))
+        return await run_batch_call(ctx, submissions)
+
+    async def run_batch_call(ctx: Context, submissions: list[Submission]) -> CallToolResult:
+        job = CURRENT_JOB.get()
+        total = len(submissions)
+        done = 0
+
+        def submit(submission: Submission) -> Request:
+            request = orchestrator.submit(submission, job_id=job.id if job else None)
+            if job is not None:
+                job.track(request)
+            return request
+
+        async def run(reporter: Reporter | None) -> BatchResult:
+            if job is not None:
+                job.items_total = total
+            send, receive = anyio.create_memory_object_stream[ItemOutcome](total)
+
+            def on_item(outcome: ItemOutcome) -> None:
+                nonlocal done
+                done += 1
+                if job is not None:
+                    job.item_done()
+                send.send_nowait(outcome)  # the stream holds every item: never blocks
+
+            async with anyio.create_task_group() as tg:
+                if reporter is not None:
+                    tg.start_soon(report_items, receive, reporter, total)
+                outcomes = await run_batch(submissions, submit, orchestrator.wait, config.batch.concurrency, on_item)
+                send.close()
+            return batch_result(outcomes, len(groups_of(submissions)))
+
+        def where() -> str:
+            return f"{done}/{total} items done"
+
+        result = await with_heartbeat(ctx, run, where, total)
+        return CallToolResult(
+            content=[TextContent(type="text", text=result.model_dump_json(exclude_none=True))],
+            structured_content=result.model_dump(mode="json"),
+        )
+
+    @tool(
+        title="Status or result of a background request",
+        annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+    )
+    async def request_status(
+        ctx: Context,
+        request_id: Annotated[
+            str, Field(min_length=1, max_length=64, description="The request_id a background call returned.")
+        ],
+        wait_ms: Annotated[
+            int,
+            Strict(),
+            Field(
+                ge=0,
+                le=MAX_STATUS_WAIT_MS,
+                description=f"Wait up to this long for it to finish (at most {MAX_STATUS_WAIT_MS}, "
+                "below hosts' tool timeouts).",
+            ),
+        ] = 0,
+    ) -> Annotated[CallToolResult, JobOutput]:
+        """The result of a request started with background=true (infer or batch_infer) once it is
+        ready, else where it is (queued, stage, queue position, tokens streamed). Pass wait_ms to
+        wait for it in this call; call again while it is not finished. Results are kept for a
+        while after they finish ([tasks] ttl_s), then the id expires."""
+        owner = owner_of(ctx.request_context)
+        job = orchestrator.jobs.get(owner, request_id)
+        poll_ms = config.tasks.poll_interval_ms
+        if wait_ms and not job.ended:
+
+            async def wait(reporter: Reporter | None) -> bool:
+                return await orchestrator.jobs.wait(job, wait_ms / 1000)
+
+            await with_heartbeat(ctx, wait, lambda: describe(job, orchestrator.pipeline), None)
+        return status_result(job, orchestrator.pipeline, poll_ms)
+
+    @tool(
+        title="Cancel a background request",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    async def cancel_request(
+        ctx: Context,
+        request_id: Annotated[
+            str, Field(min_length=1, max_length=64, description="The request_id a background call returned.")
+        ],
+    ) -> Annotated[CallToolResult, JobOutput]:
+        """Stop a request started with background=true. An identical request another caller is
+        waiting for keeps running for that caller. Cancelling one that already finished changes
+        nothing (its result stays available)."""
+        owner = owner_of(ctx.request_context)
+        job = orchestrator.jobs.cancel(owner, request_id)
+        await orchestrator.jobs.wait(job, CANCEL_SETTLE_S)
+        return status_result(job, orchestrator.pipeline, config.tasks.poll_interval_ms)
 
     @tool(
         title="Pipeline status",
@@ -249,6 +538,8 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         entry = orchestrator.pipeline.dead_letters.get(id)
         if entry is None:
             raise ToolError(f"id: no dead letter {id!r} (it may have been dropped; list them with dead_letters)")
+        # Shared through Redis, the letter may be replayed from any process: claim it first.
+        await orchestrator.pipeline.claim_replay(id)
         # A replay is a new attempt at the backend: an answer cached since would not be one.
         submission = entry.submission.model_copy(update={"cache": False, "dedup": False})
         return _answer(await with_progress(ctx, lambda on_chunk: orchestrator.infer(submission, on_chunk)))
@@ -292,6 +583,84 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
     offer_configure_worker(orchestrator.configure_allowed)
     server.middleware.append(arguments)
     return Surface(server, offer_configure_worker)
+
+
+async def report_items(receive: MemoryObjectReceiveStream[ItemOutcome], reporter: Reporter, total: int) -> None:
+    """Progress of a batch: one notification per item ended, items done of the total."""
+    done = 0
+    async with receive:
+        async for outcome in receive:
+            done += 1
+            state = "completed" if outcome.result is not None else "failed"
+            await reporter.send(f"{done}/{total} items done (item {outcome.index} {state})", progress=done)
+
+
+def batch_submissions(shared: Submission, prompts: list[str] | None, items: list[BatchItem] | None) -> list[Submission]:
+    """One submission per item: the shared values, with what an item sets of its own."""
+    if (prompts is None) == (items is None):
+        problem = Problem("prompts", "give either prompts (a list of strings) or items (a list of objects), not both")
+        raise ConfigError("batch_infer", [problem] if prompts is None else [problem, Problem("items", problem.message)])
+    if prompts is not None:
+        return [shared.model_copy(update={"prompt": prompt}) for prompt in prompts]
+    assert items is not None
+    submissions = []
+    for item in items:
+        params = shared.params.model_copy(
+            update={
+                name: value
+                for name, value in (
+                    ("max_tokens", item.max_tokens),
+                    ("temperature", item.temperature),
+                    ("top_p", item.top_p),
+                    ("seed", item.seed),
+                    ("stop", None if item.stop is None else tuple(item.stop)),
+                )
+                if value is not None
+            }
+        )
+        update: dict[str, Any] = {"prompt": item.prompt, "params": params}
+        if item.system is not None:
+            update["system"] = item.system
+        if item.priority is not None:
+            update["priority"] = item.priority
+        submissions.append(shared.model_copy(update=update))
+    return submissions
+
+
+def batch_result(outcomes: list[ItemOutcome], distinct: int) -> BatchResult:
+    results = [item_result(outcome) for outcome in outcomes]
+    return BatchResult(
+        total=len(results),
+        completed=sum(1 for item in results if item.status == "completed"),
+        failed=sum(1 for item in results if item.status == "failed"),
+        cancelled=sum(1 for item in results if item.status == "cancelled"),
+        distinct=distinct,
+        items=results,
+    )
+
+
+def item_result(outcome: ItemOutcome) -> BatchItemResult:
+    result = outcome.result
+    if result is not None:
+        return BatchItemResult(
+            index=outcome.index,
+            status="completed",
+            text=result.text,
+            request_id=result.request_id,
+            coalesced=result.coalesced,
+            cached=result.cached,
+            usage=result.usage,
+            finish_reason=result.finish_reason,
+            latency_ms=result.latency_ms,
+        )
+    error = outcome.error
+    return BatchItemResult(
+        index=outcome.index,
+        status="cancelled" if outcome.cancelled or error is None else "failed",
+        error=str(error) if error is not None else "cancelled before it ended",
+        dead_letter_id=error.dead_letter_id if error is not None else None,
+        request_id=outcome.request_id,
+    )
 
 
 def _worker_option_problems(arguments: dict[str, Any]) -> list[Problem]:
