@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import httpx2
+from mcp.types import CallToolResult
 
 from mcp_orchestrator.config import Config, changed_keys, leaf_values, with_values
 from mcp_orchestrator.errors import ConfigError, Problem, ReloadError, WorkerError, WorkerSpecError
@@ -189,6 +190,8 @@ class Orchestrator:
         self.pipeline = Pipeline(config, worker, context_source=self._context_source(config), clock=clock)
         self.jobs = Jobs(config.tasks)
         """Tasks and background requests: calls that outlive their tool call (jobs/)."""
+        if self.pipeline.sharing is not None:  # findable from every process sharing the Redis
+            self.jobs.share(self.pipeline.sharing.shared.jobs, CallToolResult.model_validate)
         self.pipeline.metrics.add_live_gauges(self.jobs.live_metrics)
         self._reload_lock = anyio.Lock()
         self.oauth = resource_server(config.server)

@@ -6,6 +6,7 @@ workers are configured with `stream = false`) and behaves by the prompt's first 
 
     slow ...     answers after SLOW_S (so identical calls from several processes overlap)
     hold ...     the first call answers once `release()` is called (it stays in flight), later ones at once
+    sleep ...    answers only when the backend stops (a call that runs until it is cancelled)
     fail ...     500 every time
     flaky ...    500 the first time for that prompt, then answers
     anything else answers at once
@@ -43,6 +44,7 @@ class CountingBackend:
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._released = threading.Event()
+        self._closing = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -67,6 +69,8 @@ class CountingBackend:
             time.sleep(SLOW_S)
         elif word == "hold" and seen == 1:
             self._released.wait(HOLD_LIMIT_S)
+        elif word == "sleep":
+            self._closing.wait(HOLD_LIMIT_S)
         if word == "fail" or (word == "flaky" and seen == 1):
             return 500, {"error": {"message": "the backend said no", "type": "server_error"}}
         return 200, {
@@ -118,6 +122,7 @@ class CountingBackend:
 
     def __exit__(self, *exc_info: Any) -> None:
         self._released.set()
+        self._closing.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -22,6 +22,8 @@ from mcp import Client
 
 from tests.support_distributed import Shared, config_text, metric, processes, shared_parts, wait_until
 from tests.support_processes import HttpServer
+from tests.support_tasks import TaskHandle, TasksClient, poll_until_ended
+from tests.support_tasks import call as call_claimed
 
 pytestmark = pytest.mark.anyio
 
@@ -47,6 +49,7 @@ def trio(parts: Shared, tmp_path_factory: pytest.TempPathFactory) -> Iterator[li
             "per_session_rps": SESSION_RPS,
             "per_session_burst": SESSION_BURST,
         },
+        tasks={"inline_ms": 0},  # every task-capable call from a tasks client becomes a task
     )
     with processes(3, config, tmp_path_factory.mktemp("trio")) as servers:
         yield servers
@@ -255,6 +258,41 @@ async def test_a_breaker_opened_by_one_process_stops_the_others(
 
 
 # ---------------------------------------------------------------------------- Redis goes away and comes back
+
+
+async def test_tasks_and_background_requests_are_found_and_cancelled_from_any_process(
+    parts: Shared, trio: list[HttpServer]
+) -> None:
+    """A task started on one process is polled to its end on another; a background request
+    started on one is seen running from a second and cancelled from a third."""
+    starter, poller, canceller = trio
+    with anyio.fail_after(60):
+        async with (
+            Client(starter.mcp_url, extensions=[TasksClient()]) as on_starter,
+            Client(poller.mcp_url, extensions=[TasksClient()]) as on_poller,
+            Client(canceller.mcp_url) as on_canceller,
+        ):
+            handle = await call_claimed(on_starter, "infer", {"prompt": "slow task shared", "cache": False})
+            assert isinstance(handle, TaskHandle), handle
+            ended = await poll_until_ended(on_poller, handle.task_id)
+            queued = await on_starter.call_tool("infer", {"prompt": "sleep until cancelled", "background": True})
+            assert queued.structured_content is not None
+            request_id = queued.structured_content["request_id"]
+            seen = await on_poller.call_tool("request_status", {"request_id": request_id})
+            cancelled = await on_canceller.call_tool("cancel_request", {"request_id": request_id})
+            final = await on_poller.call_tool("request_status", {"request_id": request_id, "wait_ms": 20_000})
+            for _ in range(100):  # the owner's end reaches Redis just after the cancel lands there
+                if final.structured_content is not None and final.structured_content["status"] != "working":
+                    break
+                await anyio.sleep(0.05)
+                final = await on_poller.call_tool("request_status", {"request_id": request_id})
+    assert ended.status == "completed" and ended.result is not None
+    assert ended.result["content"][0]["text"] == "answer to slow task shared"
+    assert seen.structured_content is not None and seen.structured_content["status"] == "working"
+    assert " on " in seen.structured_content["message"]  # which process runs it
+    assert cancelled.structured_content is not None and "cancelling" in cancelled.structured_content["message"]
+    assert final.structured_content is not None and final.structured_content["status"] == "cancelled"
+    await assert_conserved(trio)
 
 
 async def test_a_redis_outage_loses_nothing_and_sharing_resumes(parts: Shared, trio: list[HttpServer]) -> None:

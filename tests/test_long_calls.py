@@ -168,6 +168,19 @@ async def test_cancelling_a_coalesced_task_leaves_the_other_callers_answer() -> 
     assert totals["cancelled"] == 1 and totals["completed"] == 1
 
 
+async def test_a_background_call_from_a_tasks_client_answers_with_its_own_id() -> None:
+    async with (
+        serving(TASKS_AT_ONCE, EchoWorker(delay_ms=SLOW)) as (orchestrator, _),
+        Client(orchestrator.server, extensions=[TasksClient()]) as tasks_client,
+    ):
+        queued = await call(tasks_client, "infer", {"prompt": "mine", "background": True})
+        assert isinstance(queued, CallToolResult) and queued.structured_content is not None
+        done = await tasks_client.call_tool(
+            "request_status", {"request_id": queued.structured_content["request_id"], "wait_ms": 10_000}
+        )
+    assert done.structured_content is not None and done.structured_content["status"] == "completed"
+
+
 async def test_a_batch_can_run_as_a_task() -> None:
     async with (
         serving(TASKS_AT_ONCE, EchoWorker(delay_ms=50)) as (orchestrator, _),

@@ -65,3 +65,7 @@ class Keys:
     def replay_claim(self, letter_id: str) -> str:
         """Set once by the process that replays a dead letter."""
         return f"{self.prefix}:replayed:{letter_id}"
+
+    def job(self, job_id: str) -> str:
+        """A task's or background request's record (distributed/jobs.py)."""
+        return f"{self.prefix}:job:{digest(job_id)}"

@@ -26,6 +26,7 @@ from mcp_orchestrator.distributed.cache import SharedCache
 from mcp_orchestrator.distributed.dead_letters import SharedDeadLetters
 from mcp_orchestrator.distributed.events import Events
 from mcp_orchestrator.distributed.flights import Flights
+from mcp_orchestrator.distributed.jobs import SharedJobs
 from mcp_orchestrator.distributed.keys import Keys
 from mcp_orchestrator.distributed.limits import SharedLimits
 from mcp_orchestrator.distributed.link import Link, RedisUnavailable
@@ -57,6 +58,8 @@ class SharedState:
         self.breakers = SharedBreakers(self.link, self.keys, self.owner)
         self.dead_letters = SharedDeadLetters(self.link, self.keys, self.owner, dead_letter_capacity)
         self.events = Events(self.link, self.keys.events)
+        self.jobs = SharedJobs(self.link, self.keys, self.node)
+        self.events.handle("job-cancel", self.jobs.delivered)
         self.events.handle("flight", self.flights.delivered)
         self.events.handle("breaker", self.breakers.delivered)
         self.events.handle("letters", lambda message: self.soon(self._catch_up_letters))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -50,6 +51,8 @@ class Job:
     """The tool's result (a CallToolResult) once completed."""
     failure: JobFailure | None = None
     cancel_requested: bool = False
+    elsewhere: str | None = None
+    """For a copy of a job another process runs: its last status line there (and the node)."""
     ended_at: float | None = None
     """Event loop time it ended (its time to live counts from there)."""
     size: int = 0
@@ -72,3 +75,40 @@ class Job:
 
     def touch(self) -> None:
         self.updated_at = time.time()
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as other processes see it (distributed/jobs.py keeps it in Redis)."""
+
+    id: str
+    owner: str
+    """Digest of the owner's identity."""
+    tool: str
+    kind: str
+    state: str
+    message: str
+    created_at: float
+    updated_at: float
+    node: str
+    result: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+
+
+class MirrorUnavailable(Exception):
+    """The shared store did not answer in time (the link has logged why)."""
+
+
+class JobMirror(Protocol):
+    """Where jobs are published for other processes (distributed.jobs.SharedJobs)."""
+
+    node: str
+    cancel_local: Callable[[str, str], None]
+
+    def owner_digest(self, owner: str) -> str: ...
+
+    async def put(self, record: JobRecord, ttl_s: float) -> None: ...
+
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def ask_cancel(self, job_id: str, owner: str) -> None: ...

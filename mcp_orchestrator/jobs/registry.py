@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from mcp_orchestrator.config import TasksSection
 from mcp_orchestrator.errors import JobExpired, JobNotFound, PipelineNotRunning, TooManyJobs
-from mcp_orchestrator.jobs.job import Job, JobFailure, JobState
+from mcp_orchestrator.jobs.job import Job, JobFailure, JobMirror, JobRecord, JobState, MirrorUnavailable
 from mcp_orchestrator.metrics import gauge
 from mcp_orchestrator.models import JobsStatus
 from mcp_orchestrator.resilience.retry import loop_clock
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 RESULT_OVERHEAD_BYTES = 512
 """What a kept job costs besides its result's JSON (the Job and its bookkeeping), about."""
+RUNNING_RECORD_TTL_S = 86_400.0
+"""How long the shared record of a job still running lives without news (its end rewrites it)."""
 GONE_REMEMBERED = 10_000
 """Ids of dropped jobs remembered, so a late poll hears "expired" rather than "unknown"."""
 INTERNAL_ERROR = -32603
@@ -55,6 +57,14 @@ class Jobs:
         self.started = 0
         self.expired = 0
         self._task_group: TaskGroup | None = None
+        self._mirror: JobMirror | None = None
+        self._decode: Callable[[dict[str, Any]], Any] = dict
+
+    def share(self, mirror: JobMirror, decode_result: Callable[[dict[str, Any]], Any]) -> None:
+        """Publish every job to `mirror`, so other processes find it (and cancels reach it);
+        `decode_result` turns a published result back into what the job returned."""
+        self._mirror, self._decode = mirror, decode_result
+        mirror.cancel_local = self._cancel_from_elsewhere
 
     async def __aenter__(self) -> Jobs:
         self._clock = loop_clock()  # readable from any thread, as status() may be (a metrics scrape)
@@ -107,6 +117,42 @@ class Jobs:
             job.touch()
             job.scope.cancel()
         return job
+
+    async def announce(self, job: Job) -> None:
+        """Make `job` findable from every process before its id is handed out (a task's
+        handle must resolve wherever the client polls). Bounded by the shared store's timeout;
+        if it does not answer, the job is still found on this process."""
+        if self._mirror is not None:
+            await self._publish(job)
+
+    async def find(self, owner: str, job_id: str) -> Job:
+        """Like `get`, and also a job another process runs (a copy of its record), when shared."""
+        try:
+            return self.get(owner, job_id)
+        except JobNotFound:
+            if self._mirror is None:
+                raise
+            try:
+                record = await self._mirror.get(job_id)
+            except MirrorUnavailable:
+                raise JobNotFound(job_id) from None
+            if record is None or record.owner != self._mirror.owner_digest(owner):
+                raise
+            return self._copy_of(record, owner)
+
+    async def cancel_anywhere(self, owner: str, job_id: str) -> Job:
+        """`cancel`, or ask the process that runs the job to cancel it (when shared)."""
+        try:
+            return self.cancel(owner, job_id)
+        except JobNotFound:
+            job = await self.find(owner, job_id)
+            if not job.ended and self._mirror is not None:
+                try:
+                    await self._mirror.ask_cancel(job_id, self._mirror.owner_digest(owner))
+                    job.cancel_requested = True
+                except MirrorUnavailable:
+                    pass  # the status it returns still says "working": the caller may try again
+            return job
 
     def forget(self, job: Job) -> None:
         """Drop an ended job nobody was told about (a task answered inline)."""
@@ -169,6 +215,8 @@ class Jobs:
         self.kept_bytes += job.size
         self._trim()
         job.done.set()
+        if self._mirror is not None and self._task_group is not None:
+            self._task_group.start_soon(self._publish, job)
 
     # ------------------------------------------------------------------ bounds
 
@@ -195,6 +243,55 @@ class Jobs:
         self._gone[job.id] = (job.owner, why)
         while len(self._gone) > GONE_REMEMBERED:
             self._gone.popitem(last=False)
+
+    # ------------------------------------------------------------------ sharing
+
+    async def _publish(self, job: Job) -> None:
+        assert self._mirror is not None
+        ttl_s = self.settings.ttl_s if job.ended else RUNNING_RECORD_TTL_S
+        result = (
+            job.result.model_dump(by_alias=True, mode="json", exclude_none=True)
+            if isinstance(job.result, BaseModel)
+            else None
+        )
+        failure = {"code": job.failure.code, "message": job.failure.message} if job.failure else None
+        record = JobRecord(
+            id=job.id,
+            owner=self._mirror.owner_digest(job.owner),
+            tool=job.tool,
+            kind=job.kind,
+            state=job.state.value,
+            message="working" if not job.ended else job.state.value,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            node=self._mirror.node,
+            result=result,
+            failure=failure,
+        )
+        try:
+            await self._mirror.put(record, ttl_s)
+        except MirrorUnavailable:
+            pass  # the link logged it; this process still answers for the job
+
+    def _copy_of(self, record: JobRecord, owner: str) -> Job:
+        """A job another process runs, as its record says (it runs nothing here)."""
+        copy = Job(record.id, owner, record.tool, record.kind, record.created_at, record.updated_at)
+        copy.state = JobState(record.state)
+        copy.result = self._decode(record.result) if record.result is not None else None
+        copy.failure = JobFailure(**record.failure) if record.failure is not None else None
+        copy.elsewhere = f"{record.message} on {record.node}"
+        if copy.ended:
+            copy.done.set()
+        return copy
+
+    def _cancel_from_elsewhere(self, job_id: str, owner_digest: str) -> None:
+        job = self._jobs.get(job_id)
+        if job is None or job.ended or self._mirror is None:
+            return
+        if self._mirror.owner_digest(job.owner) == owner_digest:  # only its owner may cancel it
+            job.cancel_requested = True
+            job.touch()
+            job.scope.cancel()
 
     # ------------------------------------------------------------------ metrics
 

@@ -110,6 +110,8 @@ def describe(job: Job, pipeline: Pipeline) -> str:
         return f"failed: {job.failure}"
     if job.state is JobState.cancelled:
         return "cancelled"
+    if job.elsewhere is not None:
+        return job.elsewhere + ("; cancelling" if job.cancel_requested else "")
     status, stage, position, chunks = whereabouts(job, pipeline)
     parts = []
     if job.items_total:
@@ -153,7 +155,9 @@ def view(job: Job, pipeline: Pipeline, poll_after_ms: int) -> JobView:
         "items_total": items[1],
     }
     if job.state is JobState.working:
-        status, stage, position, chunks = whereabouts(job, pipeline)
+        status, stage, position, chunks = (
+            whereabouts(job, pipeline) if job.elsewhere is None else ("working", None, None, 0)
+        )
         return JobView(
             status=status,
             stage=stage,

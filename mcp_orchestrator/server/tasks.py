@@ -73,6 +73,8 @@ class TasksExtension(Extension):
     ) -> HandlerResult:
         if params.name not in TASK_TOOLS or not declared(ctx) or CURRENT_JOB.get() is not None:
             return await call_next(ctx)
+        if (params.arguments or {}).get("background") is True:  # answers at once with its own id
+            return await call_next(ctx)
 
         async def work(job: Job) -> HandlerResult:
             token = CURRENT_JOB.set(job)  # the tool body submits for the job, sends no progress
@@ -94,6 +96,7 @@ class TasksExtension(Extension):
             self._jobs.cancel(job.owner, job.id)
             raise
         if not finished:
+            await self._jobs.announce(job)  # tasks/get must resolve wherever the client polls
             return self._task(job, "task")
         self._jobs.forget(job)  # answered inline: never a task to the client
         if job.failure is not None:
@@ -105,23 +108,23 @@ class TasksExtension(Extension):
 
     # ------------------------------------------------------------------ methods
 
-    def _find(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> Job:
+    async def _find(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> Job:
         require_client_extension(ctx, TASKS)  # -32021 for a client that did not declare it
         try:
-            return self._jobs.get(owner_of(ctx), params.task_id)
+            return await self._jobs.find(owner_of(ctx), params.task_id)
         except JobError as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"Failed to retrieve task: {exc}") from None
 
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> HandlerResult:
-        return self._task(self._find(ctx, params), "complete")
+        return self._task(await self._find(ctx, params), "complete")
 
     async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> HandlerResult:
-        self._find(ctx, params)  # no tool here asks for input: responses are acknowledged and ignored
+        await self._find(ctx, params)  # no tool here asks for input: responses are acknowledged and ignored
         return {"resultType": "complete"}
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> HandlerResult:
-        job = self._find(ctx, params)
-        self._jobs.cancel(job.owner, job.id)
+        job = await self._find(ctx, params)
+        await self._jobs.cancel_anywhere(job.owner, job.id)
         return {"resultType": "complete"}
 
     # ------------------------------------------------------------------ the wire shape
@@ -139,7 +142,7 @@ class TasksExtension(Extension):
         }
         if job.state is JobState.working:
             task["pollIntervalMs"] = self._settings.poll_interval_ms
-        elif job.state is JobState.completed and result_type == "complete":
+        elif job.state is JobState.completed and result_type == "complete" and job.result is not None:
             task["result"] = job.result.model_dump(by_alias=True, mode="json", exclude_none=True)
         elif job.state is JobState.failed and job.failure is not None:
             task["error"] = {"code": job.failure.code, "message": job.failure.message}

@@ -323,6 +323,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
     ) -> CallToolResult:
         owner = owner_of(ctx.request_context)
         job = orchestrator.jobs.start(owner, tool, "background", lambda job: as_job(job, body))
+        await orchestrator.jobs.announce(job)  # findable from every process before its id is given out
         await anyio.lowlevel.checkpoint()  # let it submit its request: the answer says where it is
         return queued_result(job, orchestrator.pipeline, config.tasks.poll_interval_ms)
 
@@ -459,7 +460,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         wait for it in this call; call again while it is not finished. Results are kept for a
         while after they finish ([tasks] ttl_s), then the id expires."""
         owner = owner_of(ctx.request_context)
-        job = orchestrator.jobs.get(owner, request_id)
+        job = await orchestrator.jobs.find(owner, request_id)
         poll_ms = config.tasks.poll_interval_ms
         if wait_ms and not job.ended:
 
@@ -485,7 +486,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         waiting for keeps running for that caller. Cancelling one that already finished changes
         nothing (its result stays available)."""
         owner = owner_of(ctx.request_context)
-        job = orchestrator.jobs.cancel(owner, request_id)
+        job = await orchestrator.jobs.cancel_anywhere(owner, request_id)
         await orchestrator.jobs.wait(job, CANCEL_SETTLE_S)
         return status_result(job, orchestrator.pipeline, config.tasks.poll_interval_ms)
 
