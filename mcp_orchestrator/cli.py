@@ -326,7 +326,7 @@ async def serve(
     metrics = None
     metrics_done = anyio.Event()
     async with orchestrator, anyio.create_task_group() as tg:
-        shutdown = Shutdown(orchestrator.pipeline, config.server.shutdown_grace_s)
+        shutdown = Shutdown(orchestrator.pipeline, config.server.shutdown_grace_s, orchestrator.jobs)
         if sys.platform != "win32":  # before anything is served: from now on SIGTERM drains
             await tg.start(shutdown.on_signals)
         if config.observability.metrics_port is not None:

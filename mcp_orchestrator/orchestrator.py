@@ -23,6 +23,7 @@ from mcp.types import CallToolResult
 from mcp_orchestrator.config import Config, changed_keys, leaf_values, with_values
 from mcp_orchestrator.errors import ConfigError, Problem, ReloadError, WorkerError, WorkerSpecError
 from mcp_orchestrator.jobs import Jobs
+from mcp_orchestrator.jobs.mirror import MirroredJobs
 from mcp_orchestrator.logs import set_log_level
 from mcp_orchestrator.models import GenerationParams, InferResult, PipelineStatus, Submission
 from mcp_orchestrator.pipeline import ContextSource, Pipeline, Request
@@ -188,10 +189,13 @@ class Orchestrator:
         self._given_source = context_source
         worker = worker or worker_from_config(config, self.worker_context(trusted=True))
         self.pipeline = Pipeline(config, worker, context_source=self._context_source(config), clock=clock)
-        self.jobs = Jobs(config.tasks)
+        sharing = self.pipeline.sharing
+        self.jobs = (  # shared: findable from every process on the same Redis
+            Jobs(config.tasks)
+            if sharing is None
+            else MirroredJobs(config.tasks, sharing.shared.jobs, CallToolResult.model_validate)
+        )
         """Tasks and background requests: calls that outlive their tool call (jobs/)."""
-        if self.pipeline.sharing is not None:  # findable from every process sharing the Redis
-            self.jobs.share(self.pipeline.sharing.shared.jobs, CallToolResult.model_validate)
         self.pipeline.metrics.add_live_gauges(self.jobs.live_metrics)
         self._reload_lock = anyio.Lock()
         self.oauth = resource_server(config.server)

@@ -6,7 +6,8 @@ milliseconds. Here the signal starts a drain instead:
 
 1. no new work: the pipeline admits nothing more (`ShuttingDown`, a tool error) and the HTTP
    edge answers new requests with 503;
-2. the calls in flight get up to `[server] shutdown_grace_s` to finish normally;
+2. the calls in flight, and the tasks and background requests running, get up to
+   `[server] shutdown_grace_s` to finish normally;
 3. the requests still running then are cancelled through the ledger (counted as cancelled,
    so the counters still reconcile), each caller answered with `CancelledByShutdown`;
 4. once every call is answered, `drained` tells the transport to stop, and the server
@@ -29,6 +30,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from mcp_orchestrator.errors import CancelledByShutdown
+from mcp_orchestrator.jobs import Jobs
 from mcp_orchestrator.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -94,9 +96,11 @@ class DrainReport:
 class Shutdown:
     """One server's stop: started by a signal (or `drain`), read by the transport edges."""
 
-    def __init__(self, pipeline: Pipeline, grace_s: float) -> None:
+    def __init__(self, pipeline: Pipeline, grace_s: float, jobs: Jobs | None = None) -> None:
         self.pipeline = pipeline
         self.grace_s = grace_s
+        self.jobs = jobs
+        """Tasks and background requests: they get the grace too (no transport call waits on them)."""
         self.in_flight = InFlight()
         self.drained = anyio.Event()
         """Set when every call is answered (or given up on): the transport stops."""
@@ -123,7 +127,9 @@ class Shutdown:
         self.pipeline.stop_admitting()
         began = anyio.current_time()
         in_flight = self.in_flight.count
-        log.warning("%s: draining %d in-flight request(s), up to %g s", cause, in_flight, self.grace_s)
+        jobs = self.jobs.running if self.jobs is not None else 0
+        also = f" and {jobs} task(s) or background request(s)" if jobs else ""
+        log.warning("%s: draining %d in-flight request(s)%s, up to %g s", cause, in_flight, also, self.grace_s)
         await self._wait_for_answers(more_signals)
         cancelled = self.pipeline.cancel_in_flight(lambda: CancelledByShutdown(self.grace_s))
         if self.in_flight.count:
@@ -141,6 +147,8 @@ class Shutdown:
                 if more_signals is not None:
                     tg.start_soon(_end_on_next_signal, more_signals, grace)
                 await self.in_flight.idle()
+                if self.jobs is not None:
+                    await self.jobs.idle()
                 tg.cancel_scope.cancel()
 
 

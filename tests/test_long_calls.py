@@ -60,13 +60,14 @@ async def test_a_slow_call_becomes_a_task_whose_result_is_the_inline_one() -> No
             handle = await call(tasks_client, "infer", {"prompt": "tell me a story", "cache": False})
             assert isinstance(handle, TaskHandle), handle
             assert handle.status == "working"
-            assert handle.ttl_ms == 900_000 and handle.poll_interval_ms == 2_000
+            assert handle.ttl_ms is None and handle.poll_interval_ms == 2_000  # kept while it runs
             assert handle.created_at.endswith("Z") and handle.status_message
             first = await get_task(tasks_client, handle.task_id)  # resolves at once: never "not found"
             assert first.status in ("working", "completed")
             ended = await poll_until_ended(tasks_client, handle.task_id)
             inline = await client.call_tool("infer", {"prompt": "tell me a story", "cache": False})
     assert ended.status == "completed"
+    assert ended.ttl_ms is not None and ended.ttl_ms >= 900_000 + SLOW  # from creation: its run time + ttl_s
     assert ended.result is not None and ended.result["isError"] is False
     assert ended.result["content"] == [{"type": "text", "text": "tell me a story"}]
     assert inline.structured_content is not None
@@ -335,13 +336,32 @@ async def test_a_drain_ends_running_background_requests_and_the_counters_reconci
         assert queued.structured_content is not None
         request_id = queued.structured_content["request_id"]
         await wait_for(lambda: worker.calls == 1)
-        report = await Shutdown(orchestrator.pipeline, grace_s=0.05).drain("test")
+        report = await Shutdown(orchestrator.pipeline, grace_s=0.05, jobs=orchestrator.jobs).drain("test")
         ended = await client.call_tool("request_status", {"request_id": request_id, "wait_ms": 10_000})
         totals = await totals_of(client)
     assert report.cancelled == 1
     assert ended.structured_content is not None and ended.structured_content["status"] == "failed"
     assert "shut" in ended.structured_content["error"]
     assert totals["cancelled"] == 1 and totals["in_flight"] == 0
+
+
+async def test_a_drain_gives_background_requests_their_grace() -> None:
+    worker = GatedWorker()
+    async with serving(worker=worker) as (orchestrator, client):
+        queued = await client.call_tool("infer", {"prompt": "nearly done", "background": True})
+        assert queued.structured_content is not None
+        await wait_for(lambda: worker.calls == 1)
+        async with anyio.create_task_group() as tg:
+            drained = Shutdown(orchestrator.pipeline, grace_s=30, jobs=orchestrator.jobs)
+            tg.start_soon(drained.drain, "test")
+            await wait_for(lambda: not orchestrator.pipeline.admission.admitting)
+            worker.open()  # the answer comes within the grace
+        done = await client.call_tool(
+            "request_status", {"request_id": queued.structured_content["request_id"], "wait_ms": 10_000}
+        )
+        totals = await totals_of(client)
+    assert done.structured_content is not None and done.structured_content["status"] == "completed"
+    assert totals["completed"] == 1 and totals["cancelled"] == 0
 
 
 # ---------------------------------------------------------------------------- batch_infer
@@ -355,11 +375,19 @@ class PickyWorker(StubWorker):
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
+        self.running = 0
+        self.peak = 0
+        """Most calls running at once."""
 
     async def generate(self, request: WorkerRequest) -> AsyncGenerator[Chunk, None]:
         prompt = request.messages[-1].content
         self.calls[prompt] = self.calls.get(prompt, 0) + 1
-        await anyio.sleep(0.01)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await anyio.sleep(0.01)
+        finally:
+            self.running -= 1
         if prompt.startswith("fail"):
             raise WorkerError("picky", f"refused {prompt!r}", retryable=False)
         yield Chunk(prompt, Usage(input_tokens=1, output_tokens=1), "stop")
@@ -447,3 +475,74 @@ async def test_a_background_batch_is_fetched_with_request_status() -> None:
     assert fetched.structured_content is not None and fetched.structured_content["status"] == "completed"
     assert [item["text"] for item in fetched.structured_content["result"]["items"]] == ["a", "b"]
     assert fetched.structured_content["items_done"] == 2 and fetched.structured_content["items_total"] == 2
+
+
+# ---------------------------------------------------------------------------- bounds
+
+
+async def test_a_result_larger_than_the_budget_expires_with_the_reason_and_inline_tasks_cost_nothing() -> None:
+    config = make_config(
+        tasks={"max_kept_bytes": 1024 * 1024, "inline_ms": 10_000}, pipeline={"max_prompt_chars": 2_000_000}
+    )
+    async with (
+        serving(config, EchoWorker()) as (orchestrator, client),
+        Client(orchestrator.server, extensions=[TasksClient()]) as tasks_client,
+    ):
+        small = await client.call_tool("infer", {"prompt": "small", "background": True})
+        huge = await client.call_tool("infer", {"prompt": "x" * 1_200_000, "background": True})
+        assert small.structured_content is not None and huge.structured_content is not None
+        await orchestrator.jobs.idle()
+        for _ in range(5):  # answered inline: never kept, never pushes a kept result out
+            inline = await call(tasks_client, "infer", {"prompt": "y" * 600_000, "cache": False})
+            assert isinstance(inline, CallToolResult)
+        kept_small = await client.call_tool("request_status", {"request_id": small.structured_content["request_id"]})
+        dropped = await client.call_tool("request_status", {"request_id": huge.structured_content["request_id"]})
+        status = orchestrator.status()
+    assert kept_small.structured_content is not None and kept_small.structured_content["status"] == "completed"
+    assert "larger than [tasks] max_kept_bytes" in error_text(dropped)
+    assert status.jobs is not None and status.jobs.kept == 1 and status.jobs.kept_bytes < 1024 * 1024
+
+
+async def test_a_tasks_client_over_its_bound_is_answered_inline() -> None:
+    config = make_config(tasks={"inline_ms": 0, "max_open": 1, "max_open_per_caller": 1})
+    async with (
+        serving(config, EchoWorker(delay_ms=SLOW)) as (orchestrator, _),
+        Client(orchestrator.server, extensions=[TasksClient()]) as tasks_client,
+    ):
+        first = await call(tasks_client, "infer", {"prompt": "first"})
+        second = await call(tasks_client, "infer", {"prompt": "second"})
+        assert isinstance(first, TaskHandle)
+        await poll_until_ended(tasks_client, first.task_id)
+    assert isinstance(second, CallToolResult) and second.structured_content is not None
+    assert second.structured_content["text"] == "second"
+
+
+async def test_a_batch_shares_nothing_when_deduplication_is_off() -> None:
+    worker = PickyWorker()
+    config = make_config(deduplication={"enabled": False}, batch={"concurrency": 2})
+    async with serving(config, worker) as (_, client):
+        result = await client.call_tool("batch_infer", {"prompts": ["a", "a", "b", "a"]})
+    assert result.structured_content is not None
+    assert result.structured_content["distinct"] == 4
+    assert sum(worker.calls.values()) == 4 and worker.peak <= 2
+    assert not any(item["coalesced"] for item in result.structured_content["items"])
+
+
+async def test_batch_progress_stays_below_the_next_item_while_it_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.001)
+    worker = GatedWorker()
+    seen: list[tuple[float, float | None]] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        seen.append((value, total))
+        if len(seen) == 200:
+            worker.open()
+
+    async with serving(worker=worker) as (_, client):
+        with anyio.fail_after(TEST_TIMEOUT_S):
+            result = await client.call_tool("batch_infer", {"prompts": ["p", "q"]}, **with_progress(on_progress))
+    assert not result.is_error
+    values = [value for value, _ in seen]
+    assert values == sorted(values) and len(set(values)) == len(values)
+    assert all(value < 1 for value in values[:200])  # 200 heartbeats before any item: still below item 1
+    assert values[-1] == 2 and all(total == 2 for _, total in seen)

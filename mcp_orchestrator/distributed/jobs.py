@@ -47,9 +47,11 @@ class SharedJobs:
             raise MirrorUnavailable(str(exc)) from None
 
     async def put(self, record: JobRecord, ttl_s: float) -> None:
-        """Store `record` for `ttl_s`. MirrorUnavailable."""
+        """Store `record` for `ttl_s`. A "working" record never replaces one already there (the
+        job's end may be written first: two writes race). MirrorUnavailable."""
         key, data = self._keys.job(record.id), json.dumps(asdict(record), separators=(",", ":"))
-        await self._call(lambda client: client.set(key, data, px=max(1, int(ttl_s * 1000))))
+        only_new = record.state == "working"
+        await self._call(lambda client: client.set(key, data, px=max(1, int(ttl_s * 1000)), nx=only_new))
         self.published += 1
 
     async def get(self, job_id: str) -> JobRecord | None:

@@ -32,14 +32,15 @@ Submit = Callable[[Submission], Request]
 Wait = Callable[[Request], Awaitable[InferResult]]
 
 
-def groups_of(submissions: Sequence[Submission]) -> list[list[int]]:
+def groups_of(submissions: Sequence[Submission], shared: bool) -> list[list[int]]:
     """Indexes of identical items together (in order of first appearance); an item that
-    must not share an answer (dedup off) is a group of its own."""
+    must not share an answer (dedup off for it, or `shared` false: the pipeline shares no
+    answers now) is a group of its own."""
     groups: dict[Submission, list[int]] = {}
     alone: list[list[int]] = []
     order: list[list[int]] = []
     for index, submission in enumerate(submissions):
-        if not submission.dedup:
+        if not (shared and submission.dedup):
             alone.append([index])
             order.append(alone[-1])
             continue
@@ -56,6 +57,7 @@ async def run_batch(
     submit: Submit,
     wait: Wait,
     concurrency: int,
+    shared: bool,
     on_item: Callable[[ItemOutcome], None],
 ) -> list[ItemOutcome]:
     """Run every submission; return one outcome per item, in input order. `on_item` hears
@@ -88,6 +90,6 @@ async def run_batch(
                 tg.start_soon(finish, outcome, request)
 
     async with anyio.create_task_group() as tg:
-        for indexes in groups_of(submissions):
+        for indexes in groups_of(submissions, shared):
             tg.start_soon(run_group, indexes)
     return outcomes

@@ -51,6 +51,8 @@ class Job:
     """The tool's result (a CallToolResult) once completed."""
     failure: JobFailure | None = None
     cancel_requested: bool = False
+    handed_out: bool = False
+    """Its id was given to its caller: its result is kept after it ends (else nobody could ask)."""
     elsewhere: str | None = None
     """For a copy of a job another process runs: its last status line there (and the node)."""
     ended_at: float | None = None

@@ -4,6 +4,10 @@ Why a registry of its own rather than the ledger: a job outlives the tool call t
 started it and may hold many pipeline requests (a batch); its ended result must stay
 fetchable for `[tasks] ttl_s`, and then its id must say "expired" rather than "unknown".
 Every job runs in this registry's task group, so the orchestrator owns it and stops it.
+
+A job's result is kept only once its id has been handed out (`hand_out`): a task answered
+inline, whose id nobody saw, costs nothing after it ends. mirror.py adds the copies other
+processes see.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import anyio
@@ -22,7 +26,7 @@ from pydantic import BaseModel
 
 from mcp_orchestrator.config import TasksSection
 from mcp_orchestrator.errors import JobExpired, JobNotFound, PipelineNotRunning, TooManyJobs
-from mcp_orchestrator.jobs.job import Job, JobFailure, JobMirror, JobRecord, JobState, MirrorUnavailable
+from mcp_orchestrator.jobs.job import Job, JobFailure, JobState
 from mcp_orchestrator.metrics import gauge
 from mcp_orchestrator.models import JobsStatus
 from mcp_orchestrator.resilience.retry import loop_clock
@@ -31,8 +35,6 @@ log = logging.getLogger(__name__)
 
 RESULT_OVERHEAD_BYTES = 512
 """What a kept job costs besides its result's JSON (the Job and its bookkeeping), about."""
-RUNNING_RECORD_TTL_S = 86_400.0
-"""How long the shared record of a job still running lives without news (its end rewrites it)."""
 GONE_REMEMBERED = 10_000
 """Ids of dropped jobs remembered, so a late poll hears "expired" rather than "unknown"."""
 INTERNAL_ERROR = -32603
@@ -48,23 +50,17 @@ class Jobs:
         """The event loop's clock (a reader bound to the running loop once started)."""
         self._jobs: dict[str, Job] = {}
         self._ended: OrderedDict[str, Job] = OrderedDict()
-        """Ended jobs still kept, oldest end first (the order they expire in)."""
+        """Ended jobs whose results are kept, oldest end first (the order they expire in)."""
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()
         """Dropped job id -> (owner, why)."""
         self._running: Counter[str] = Counter()
         """Running jobs per owner."""
+        self._idle = anyio.Event()
+        self._idle.set()
         self.kept_bytes = 0
         self.started = 0
         self.expired = 0
         self._task_group: TaskGroup | None = None
-        self._mirror: JobMirror | None = None
-        self._decode: Callable[[dict[str, Any]], Any] = dict
-
-    def share(self, mirror: JobMirror, decode_result: Callable[[dict[str, Any]], Any]) -> None:
-        """Publish every job to `mirror`, so other processes find it (and cancels reach it);
-        `decode_result` turns a published result back into what the job returned."""
-        self._mirror, self._decode = mirror, decode_result
-        mirror.cancel_local = self._cancel_from_elsewhere
 
     async def __aenter__(self) -> Jobs:
         self._clock = loop_clock()  # readable from any thread, as status() may be (a metrics scrape)
@@ -91,80 +87,69 @@ class Jobs:
             raise TooManyJobs("tasks.max_open_per_caller", settings.max_open_per_caller, "for this caller")
         job = Job(str(uuid.uuid4()), owner, tool, kind)
         self._jobs[job.id] = job
+        if not self._running:
+            self._idle = anyio.Event()
         self._running[owner] += 1
         self.started += 1
         self._task_group.start_soon(self._run, job, work, name=f"job:{tool}:{job.id}")
         return job
+
+    async def hand_out(self, job: Job) -> None:
+        """`job`'s id is about to be given to its caller: from now on its result is kept
+        (async so that a registry shared with other processes can publish it first)."""
+        job.handed_out = True
+        if job.ended and job.id not in self._ended:
+            self._keep(job)
 
     def get(self, owner: str, job_id: str) -> Job:
         """`owner`'s job `job_id`: JobNotFound for an id it never had (or another caller's),
         JobExpired for one dropped after its time to live."""
         self._sweep()
         job = self._jobs.get(job_id)
-        if job is not None and job.owner == owner:
+        if job is not None and job.owner == owner and job.handed_out:
             return job
         gone = self._gone.get(job_id)
         if gone is not None and gone[0] == owner:
             raise JobExpired(job_id, gone[1])
         raise JobNotFound(job_id)
 
-    def cancel(self, owner: str, job_id: str) -> Job:
+    async def find(self, owner: str, job_id: str) -> Job:
+        """`get` (a shared registry also finds the jobs other processes run)."""
+        return self.get(owner, job_id)
+
+    async def cancel(self, owner: str, job_id: str) -> Job:
         """Ask `owner`'s job to stop (cooperative: a request it shares with another caller's
         keeps running for that one). Ending it is the job's own task's business."""
         job = self.get(owner, job_id)
+        self.stop(job)
+        return job
+
+    def stop(self, job: Job) -> None:
+        """Cancel a running job's work (its requests end as cancelled)."""
         if not job.ended:
             job.cancel_requested = True
             job.touch()
             job.scope.cancel()
-        return job
-
-    async def announce(self, job: Job) -> None:
-        """Make `job` findable from every process before its id is handed out (a task's
-        handle must resolve wherever the client polls). Bounded by the shared store's timeout;
-        if it does not answer, the job is still found on this process."""
-        if self._mirror is not None:
-            await self._publish(job)
-
-    async def find(self, owner: str, job_id: str) -> Job:
-        """Like `get`, and also a job another process runs (a copy of its record), when shared."""
-        try:
-            return self.get(owner, job_id)
-        except JobNotFound:
-            if self._mirror is None:
-                raise
-            try:
-                record = await self._mirror.get(job_id)
-            except MirrorUnavailable:
-                raise JobNotFound(job_id) from None
-            if record is None or record.owner != self._mirror.owner_digest(owner):
-                raise
-            return self._copy_of(record, owner)
-
-    async def cancel_anywhere(self, owner: str, job_id: str) -> Job:
-        """`cancel`, or ask the process that runs the job to cancel it (when shared)."""
-        try:
-            return self.cancel(owner, job_id)
-        except JobNotFound:
-            job = await self.find(owner, job_id)
-            if not job.ended and self._mirror is not None:
-                try:
-                    await self._mirror.ask_cancel(job_id, self._mirror.owner_digest(owner))
-                    job.cancel_requested = True
-                except MirrorUnavailable:
-                    pass  # the status it returns still says "working": the caller may try again
-            return job
 
     def forget(self, job: Job) -> None:
         """Drop an ended job nobody was told about (a task answered inline)."""
-        if job.ended and self._ended.pop(job.id, None) is not None:
-            del self._jobs[job.id]
-            self.kept_bytes -= job.size
+        if job.ended and not job.handed_out:
+            self._jobs.pop(job.id, None)
 
     async def wait(self, job: Job, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for `job` to end; whether it has."""
         with anyio.move_on_after(timeout_s):
             await job.done.wait()
         return job.done.is_set()
+
+    async def idle(self) -> None:
+        """Return once no job runs (a drain waits for them within its grace)."""
+        while self._running:
+            await self._idle.wait()
+
+    @property
+    def running(self) -> int:
+        return sum(self._running.values())
 
     def status(self) -> JobsStatus:
         if self._task_group is not None:  # the clock is the event loop's: none before it runs
@@ -206,19 +191,36 @@ class Jobs:
     def _end(self, job: Job, state: JobState, result: Any = None, failure: JobFailure | None = None) -> None:
         job.state, job.result, job.failure = state, result, failure
         job.ended_at = self._clock()
+        job.requests = []  # the ended requests hold prompts and answers: only the result is kept
         job.touch()
         self._running[job.owner] -= 1
         if self._running[job.owner] <= 0:
             del self._running[job.owner]
-        job.size = result_size(result)
+        if not self._running:
+            self._idle.set()
+        if job.handed_out:
+            self._keep(job)
+        job.done.set()
+        self.ended(job)
+
+    def ended(self, job: Job) -> None:
+        """A job ended (a shared registry publishes it)."""
+
+    def spawn(self, work: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        """Run `work` in the registry's task group (dropped once it stops)."""
+        if self._task_group is not None:
+            self._task_group.start_soon(work, *args)
+
+    # ------------------------------------------------------------------ bounds
+
+    def _keep(self, job: Job) -> None:
+        job.size = result_size(job.result)
+        if job.size > self.settings.max_kept_bytes:
+            self._dropped(job, f"its result ({job.size} bytes) is larger than [tasks] max_kept_bytes")
+            return
         self._ended[job.id] = job
         self.kept_bytes += job.size
         self._trim()
-        job.done.set()
-        if self._mirror is not None and self._task_group is not None:
-            self._task_group.start_soon(self._publish, job)
-
-    # ------------------------------------------------------------------ bounds
 
     def _sweep(self) -> None:
         """Drop the ended jobs whose time to live has run out."""
@@ -231,67 +233,21 @@ class Jobs:
 
     def _trim(self) -> None:
         """Keep the ended results within [tasks] max_kept_bytes: the oldest ended go first."""
-        while self.kept_bytes > self.settings.max_kept_bytes and len(self._ended) > 1:
+        while self.kept_bytes > self.settings.max_kept_bytes and self._ended:
             oldest = next(iter(self._ended.values()))
             self._drop(oldest, "dropped early to keep finished results within [tasks] max_kept_bytes")
 
     def _drop(self, job: Job, why: str) -> None:
         del self._ended[job.id]
-        del self._jobs[job.id]
         self.kept_bytes -= job.size
+        self._dropped(job, why)
+
+    def _dropped(self, job: Job, why: str) -> None:
+        self._jobs.pop(job.id, None)
         self.expired += 1
         self._gone[job.id] = (job.owner, why)
         while len(self._gone) > GONE_REMEMBERED:
             self._gone.popitem(last=False)
-
-    # ------------------------------------------------------------------ sharing
-
-    async def _publish(self, job: Job) -> None:
-        assert self._mirror is not None
-        ttl_s = self.settings.ttl_s if job.ended else RUNNING_RECORD_TTL_S
-        result = (
-            job.result.model_dump(by_alias=True, mode="json", exclude_none=True)
-            if isinstance(job.result, BaseModel)
-            else None
-        )
-        failure = {"code": job.failure.code, "message": job.failure.message} if job.failure else None
-        record = JobRecord(
-            id=job.id,
-            owner=self._mirror.owner_digest(job.owner),
-            tool=job.tool,
-            kind=job.kind,
-            state=job.state.value,
-            message="working" if not job.ended else job.state.value,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            node=self._mirror.node,
-            result=result,
-            failure=failure,
-        )
-        try:
-            await self._mirror.put(record, ttl_s)
-        except MirrorUnavailable:
-            pass  # the link logged it; this process still answers for the job
-
-    def _copy_of(self, record: JobRecord, owner: str) -> Job:
-        """A job another process runs, as its record says (it runs nothing here)."""
-        copy = Job(record.id, owner, record.tool, record.kind, record.created_at, record.updated_at)
-        copy.state = JobState(record.state)
-        copy.result = self._decode(record.result) if record.result is not None else None
-        copy.failure = JobFailure(**record.failure) if record.failure is not None else None
-        copy.elsewhere = f"{record.message} on {record.node}"
-        if copy.ended:
-            copy.done.set()
-        return copy
-
-    def _cancel_from_elsewhere(self, job_id: str, owner_digest: str) -> None:
-        job = self._jobs.get(job_id)
-        if job is None or job.ended or self._mirror is None:
-            return
-        if self._mirror.owner_digest(job.owner) == owner_digest:  # only its owner may cancel it
-            job.cancel_requested = True
-            job.touch()
-            job.scope.cancel()
 
     # ------------------------------------------------------------------ metrics
 

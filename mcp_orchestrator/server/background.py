@@ -9,13 +9,11 @@ to a call that has already returned.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, Literal
 
-from mcp.server.context import ServerRequestContext
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel
 
@@ -23,8 +21,6 @@ from mcp_orchestrator.errors import OrchestratorError
 from mcp_orchestrator.jobs import Job, JobState
 from mcp_orchestrator.models import StageName
 from mcp_orchestrator.pipeline import Pipeline, Request
-from mcp_orchestrator.server.identity import caller_identity
-from mcp_orchestrator.server.sessions import SESSION_HEADER
 
 CURRENT_JOB: ContextVar[Job | None] = ContextVar("current_job", default=None)
 """The job a tool body runs for (unset: the body answers its own call)."""
@@ -33,33 +29,6 @@ MAX_STATUS_WAIT_MS = 50_000
 """Longest wait one request_status call makes: below the tool-call timeout of common hosts (~60 s)."""
 CANCEL_SETTLE_S = 1.0
 """How long cancel_request waits for the work to stop before it answers (cancelling is cooperative)."""
-
-
-def owner_of(context: ServerRequestContext[Any, Any]) -> str:
-    """Who a job belongs to: only the same caller may read or cancel it.
-
-    The token's identity first (an OAuth subject, or the bearer token itself, hashed, so
-    a client that reconnects keeps its jobs), then the HTTP session. Without HTTP the caller
-    is the process's own: a stdio server has exactly one client, its parent (in-memory
-    clients of a library user share that owner). An HTTP call with none of these (a
-    loopback server without a token, stateless) belongs to every such caller: the random
-    ids are what keep jobs apart there.
-    """
-    identity = caller_identity()
-    if identity is not None:
-        return identity
-    request = context.request
-    headers = getattr(request, "headers", None)
-    if headers is None:
-        return "local"
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return "token:" + hashlib.sha256(token.strip().encode()).hexdigest()[:32]
-    session = headers.get(SESSION_HEADER.decode())
-    if session:
-        return f"session:{session}"
-    return "http:anonymous"
 
 
 Running = Literal["queued", "working"]

@@ -17,7 +17,6 @@ saw half an answer must not see it again).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -51,11 +50,16 @@ class Reporter:
         self._ctx = ctx
         self.total = total
         self.progress = 0.0
+        self.items = 0
+        """With a total: items done as last reported (heartbeats count from there)."""
+        self.beats = 0
         self.last_sent = anyio.current_time()
 
     async def send(self, message: str, progress: float | None = None) -> None:
         """Send `message`; `progress` (items done, with a total) or the next step."""
-        if progress is None or progress <= self.progress:
+        if progress is not None and progress > self.progress:
+            self.items, self.beats = int(progress), 0
+        else:
             progress = self._next_step()
         self.progress = progress
         self.last_sent = anyio.current_time()
@@ -64,8 +68,10 @@ class Reporter:
     def _next_step(self) -> float:
         if self.total is None:
             return self.progress + 1
-        # With a total, progress counts items: a heartbeat moves it halfway to the next one.
-        return self.progress + (math.floor(self.progress) + 1 - self.progress) / 2
+        # With a total, progress counts items: the n-th heartbeat since the last item done is
+        # items + n/(n+1), always below the next item (and the total), and always increasing.
+        self.beats += 1
+        return self.items + self.beats / (self.beats + 1)
 
     async def heartbeat(self, describe: Describe) -> None:
         """Until cancelled: say where the work is whenever nothing was sent for HEARTBEAT_S."""

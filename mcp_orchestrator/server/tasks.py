@@ -24,10 +24,11 @@ from mcp_types import CallToolRequestParams, RequestParams
 from pydantic import Field
 
 from mcp_orchestrator.config import TasksSection
-from mcp_orchestrator.errors import JobError
+from mcp_orchestrator.errors import JobError, OrchestratorError, ShuttingDown
 from mcp_orchestrator.jobs import Job, JobFailure, Jobs, JobState
 from mcp_orchestrator.pipeline import Pipeline
-from mcp_orchestrator.server.background import CURRENT_JOB, describe, owner_of
+from mcp_orchestrator.server.background import CURRENT_JOB, describe, error_result
+from mcp_orchestrator.server.identity import owner_of
 
 TASKS = "io.modelcontextprotocol/tasks"
 TASK_TOOLS = frozenset({"infer", "batch_infer"})
@@ -87,22 +88,22 @@ class TasksExtension(Extension):
 
         try:
             job = self._jobs.start(owner_of(ctx), params.name, "task", work)
-        except JobError as exc:  # over a bound: answered like any other refusal
-            raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
+        except OrchestratorError:  # over a bound, or stopping: this call is simply answered inline
+            return await call_next(ctx)
         try:
             finished = await self._jobs.wait(job, self._settings.inline_ms / 1000)
+            if not finished:
+                await self._jobs.hand_out(job)
+                return self._task(job, "task")
         except BaseException:
             # The caller left before it was told the task's id: nobody could ever fetch it.
-            self._jobs.cancel(job.owner, job.id)
+            self._jobs.stop(job)
             raise
-        if not finished:
-            await self._jobs.announce(job)  # tasks/get must resolve wherever the client polls
-            return self._task(job, "task")
         self._jobs.forget(job)  # answered inline: never a task to the client
         if job.failure is not None:
             raise MCPError(code=job.failure.code, message=job.failure.message)
-        if job.state is JobState.cancelled:
-            raise MCPError(code=INVALID_PARAMS, message="cancelled")
+        if job.state is JobState.cancelled:  # the server is stopping
+            return error_result(ShuttingDown())
         result: HandlerResult = job.result
         return result
 
@@ -124,10 +125,17 @@ class TasksExtension(Extension):
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> HandlerResult:
         job = await self._find(ctx, params)
-        await self._jobs.cancel_anywhere(job.owner, job.id)
+        await self._jobs.cancel(job.owner, job.id)
         return {"resultType": "complete"}
 
     # ------------------------------------------------------------------ the wire shape
+
+    def _ttl_ms(self, job: Job) -> int | None:
+        """Time to live counted from creation, as the spec reads it: none while the work runs
+        (it is kept until it ends), then its run time plus [tasks] ttl_s."""
+        if not job.ended:
+            return None
+        return int((job.updated_at - job.created_at + self._settings.ttl_s) * 1000)
 
     def _task(self, job: Job, result_type: str) -> dict[str, Any]:
         """A Task (CreateTaskResult with result_type "task", a tasks/get answer with "complete")."""
@@ -138,7 +146,7 @@ class TasksExtension(Extension):
             "statusMessage": describe(job, self._pipeline),
             "createdAt": iso(job.created_at),
             "lastUpdatedAt": iso(job.updated_at),
-            "ttlMs": int(self._settings.ttl_s * 1000),
+            "ttlMs": self._ttl_ms(job),
         }
         if job.state is JobState.working:
             task["pollIntervalMs"] = self._settings.poll_interval_ms

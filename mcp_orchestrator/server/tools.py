@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
 
 import anyio
 import anyio.lowlevel
-from anyio.streams.memory import MemoryObjectReceiveStream
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -37,10 +36,8 @@ from pydantic_core import CoreSchema
 
 from mcp_orchestrator import __version__
 from mcp_orchestrator.errors import ConfigError, OrchestratorError, Problem, WorkerError, WorkerSpecError
-from mcp_orchestrator.jobs.batch import ItemOutcome, groups_of, run_batch
 from mcp_orchestrator.models import (
     BatchItem,
-    BatchItemResult,
     BatchResult,
     DeadLetter,
     DeadLetterReason,
@@ -65,10 +62,11 @@ from mcp_orchestrator.server.background import (
     as_job,
     describe,
     describe_request,
-    owner_of,
     queued_result,
     status_result,
 )
+from mcp_orchestrator.server.batching import batch_submissions, run_batch_call
+from mcp_orchestrator.server.identity import owner_of
 from mcp_orchestrator.server.progress import Reporter, with_heartbeat, with_progress
 from mcp_orchestrator.server.schema import either, flat_json_schema
 from mcp_orchestrator.server.tasks import TasksExtension
@@ -323,7 +321,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
     ) -> CallToolResult:
         owner = owner_of(ctx.request_context)
         job = orchestrator.jobs.start(owner, tool, "background", lambda job: as_job(job, body))
-        await orchestrator.jobs.announce(job)  # findable from every process before its id is given out
+        await orchestrator.jobs.hand_out(job)  # kept (and findable from every process) from now on
         await anyio.lowlevel.checkpoint()  # let it submit its request: the answer says where it is
         return queued_result(job, orchestrator.pipeline, config.tasks.poll_interval_ms)
 
@@ -393,47 +391,8 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         )
         submissions = batch_submissions(shared, prompts, items)
         if background and CURRENT_JOB.get() is None:
-            return await start_background(ctx, "batch_infer", lambda: run_batch_call(ctx, submissions))
-        return await run_batch_call(ctx, submissions)
-
-    async def run_batch_call(ctx: Context, submissions: list[Submission]) -> CallToolResult:
-        job = CURRENT_JOB.get()
-        total = len(submissions)
-        done = 0
-
-        def submit(submission: Submission) -> Request:
-            request = orchestrator.submit(submission, job_id=job.id if job else None)
-            if job is not None:
-                job.track(request)
-            return request
-
-        async def run(reporter: Reporter | None) -> BatchResult:
-            if job is not None:
-                job.items_total = total
-            send, receive = anyio.create_memory_object_stream[ItemOutcome](total)
-
-            def on_item(outcome: ItemOutcome) -> None:
-                nonlocal done
-                done += 1
-                if job is not None:
-                    job.item_done()
-                send.send_nowait(outcome)  # the stream holds every item: never blocks
-
-            async with anyio.create_task_group() as tg:
-                if reporter is not None:
-                    tg.start_soon(report_items, receive, reporter, total)
-                outcomes = await run_batch(submissions, submit, orchestrator.wait, config.batch.concurrency, on_item)
-                send.close()
-            return batch_result(outcomes, len(groups_of(submissions)))
-
-        def where() -> str:
-            return f"{done}/{total} items done"
-
-        result = await with_heartbeat(ctx, run, where, total)
-        return CallToolResult(
-            content=[TextContent(type="text", text=result.model_dump_json(exclude_none=True))],
-            structured_content=result.model_dump(mode="json"),
-        )
+            return await start_background(ctx, "batch_infer", lambda: run_batch_call(ctx, orchestrator, submissions))
+        return await run_batch_call(ctx, orchestrator, submissions)
 
     @tool(
         title="Status or result of a background request",
@@ -486,7 +445,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         waiting for keeps running for that caller. Cancelling one that already finished changes
         nothing (its result stays available)."""
         owner = owner_of(ctx.request_context)
-        job = await orchestrator.jobs.cancel_anywhere(owner, request_id)
+        job = await orchestrator.jobs.cancel(owner, request_id)
         await orchestrator.jobs.wait(job, CANCEL_SETTLE_S)
         return status_result(job, orchestrator.pipeline, config.tasks.poll_interval_ms)
 
@@ -584,84 +543,6 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
     offer_configure_worker(orchestrator.configure_allowed)
     server.middleware.append(arguments)
     return Surface(server, offer_configure_worker)
-
-
-async def report_items(receive: MemoryObjectReceiveStream[ItemOutcome], reporter: Reporter, total: int) -> None:
-    """Progress of a batch: one notification per item ended, items done of the total."""
-    done = 0
-    async with receive:
-        async for outcome in receive:
-            done += 1
-            state = "completed" if outcome.result is not None else "failed"
-            await reporter.send(f"{done}/{total} items done (item {outcome.index} {state})", progress=done)
-
-
-def batch_submissions(shared: Submission, prompts: list[str] | None, items: list[BatchItem] | None) -> list[Submission]:
-    """One submission per item: the shared values, with what an item sets of its own."""
-    if (prompts is None) == (items is None):
-        problem = Problem("prompts", "give either prompts (a list of strings) or items (a list of objects), not both")
-        raise ConfigError("batch_infer", [problem] if prompts is None else [problem, Problem("items", problem.message)])
-    if prompts is not None:
-        return [shared.model_copy(update={"prompt": prompt}) for prompt in prompts]
-    assert items is not None
-    submissions = []
-    for item in items:
-        params = shared.params.model_copy(
-            update={
-                name: value
-                for name, value in (
-                    ("max_tokens", item.max_tokens),
-                    ("temperature", item.temperature),
-                    ("top_p", item.top_p),
-                    ("seed", item.seed),
-                    ("stop", None if item.stop is None else tuple(item.stop)),
-                )
-                if value is not None
-            }
-        )
-        update: dict[str, Any] = {"prompt": item.prompt, "params": params}
-        if item.system is not None:
-            update["system"] = item.system
-        if item.priority is not None:
-            update["priority"] = item.priority
-        submissions.append(shared.model_copy(update=update))
-    return submissions
-
-
-def batch_result(outcomes: list[ItemOutcome], distinct: int) -> BatchResult:
-    results = [item_result(outcome) for outcome in outcomes]
-    return BatchResult(
-        total=len(results),
-        completed=sum(1 for item in results if item.status == "completed"),
-        failed=sum(1 for item in results if item.status == "failed"),
-        cancelled=sum(1 for item in results if item.status == "cancelled"),
-        distinct=distinct,
-        items=results,
-    )
-
-
-def item_result(outcome: ItemOutcome) -> BatchItemResult:
-    result = outcome.result
-    if result is not None:
-        return BatchItemResult(
-            index=outcome.index,
-            status="completed",
-            text=result.text,
-            request_id=result.request_id,
-            coalesced=result.coalesced,
-            cached=result.cached,
-            usage=result.usage,
-            finish_reason=result.finish_reason,
-            latency_ms=result.latency_ms,
-        )
-    error = outcome.error
-    return BatchItemResult(
-        index=outcome.index,
-        status="cancelled" if outcome.cancelled or error is None else "failed",
-        error=str(error) if error is not None else "cancelled before it ended",
-        dead_letter_id=error.dead_letter_id if error is not None else None,
-        request_id=outcome.request_id,
-    )
 
 
 def _worker_option_problems(arguments: dict[str, Any]) -> list[Problem]:
