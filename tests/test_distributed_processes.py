@@ -290,7 +290,9 @@ async def test_tasks_and_background_requests_are_found_and_cancelled_from_any_pr
     assert ended.result["content"][0]["text"] == "answer to slow task shared"
     assert seen.structured_content is not None and seen.structured_content["status"] == "working"
     assert " on " in seen.structured_content["message"]  # which process runs it
-    assert cancelled.structured_content is not None and "cancelling" in cancelled.structured_content["message"]
+    assert cancelled.structured_content is not None  # cancel_request follows the record up to 1 s
+    shown = cancelled.structured_content
+    assert shown["status"] == "cancelled" or "cancelling" in shown["message"], shown
     assert final.structured_content is not None and final.structured_content["status"] == "cancelled"
     await assert_conserved(trio)
 
