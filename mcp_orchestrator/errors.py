@@ -31,6 +31,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from mcp_orchestrator.security import redact_text
+
 
 class OrchestratorError(Exception):
     """Root of every error mcp-orchestrator raises on purpose."""
@@ -285,6 +287,7 @@ def shown(value: Any, limit: int = 80) -> str:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
         text = repr(value)
+    text = redact_text(text)  # a URL's password or API key never reaches a message
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -374,6 +374,7 @@ class JobsStatus(BaseModel):
     kept_bytes: int = 0
     max_kept_bytes: int = 0
     started: int = 0
+    """Handed out (a task answered inline is not counted)."""
     expired: int = 0
     """Dropped after [tasks] ttl_s (or early, to stay within max_kept_bytes)."""
     ttl_s: float = 0.0

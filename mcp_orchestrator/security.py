@@ -26,6 +26,9 @@ REDACTED = "[redacted]"
 # `api_key`, `auth_token`, `client_secret`, `password`...; not `api_key_env` or
 # `auth_token_env`, which name an environment variable rather than hold a value.
 _SECRET_NAME = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&;][^=&;#\s\"]*(?:key|token|secret|passw|sig|auth)[^=&;#\s\"]*)=[^&;#\s\"]*", re.IGNORECASE
+)
 _URL_WITH_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
 
 
@@ -141,8 +144,10 @@ def redact_secrets(text: str, secrets: Iterable[str]) -> str:
 
 
 def redact_text(text: str) -> str:
-    """The password part of any URL in `text` replaced."""
-    return _URL_WITH_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    """The password part of any URL in `text` replaced, and the values of secret-looking query
+    parameters (`?api_key=…`, `&token=…`)."""
+    text = _URL_WITH_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['name']}={REDACTED}", text)
 
 
 def redact(data: Any) -> Any:

@@ -114,6 +114,17 @@ async def test_unknown_and_other_callers_task_ids_are_invalid_params() -> None:
     assert cancel_unknown.error.code == -32602
 
 
+async def test_bad_task_ids_are_named_in_the_error() -> None:
+    async with (
+        serving() as (orchestrator, _),
+        Client(orchestrator.server, extensions=[TasksClient()]) as tasks_client,
+    ):
+        too_long = await error_of(get_task(tasks_client, "x" * 65))
+        empty = await error_of(cancel_task(tasks_client, ""))
+    assert too_long.error.code == -32602 and "taskId: required, a string of 1-64 characters" in too_long.error.message
+    assert empty.error.code == -32602 and 'got ""' in empty.error.message
+
+
 async def test_an_ended_task_expires_after_its_ttl_with_a_clear_error() -> None:
     config = make_config(tasks={"inline_ms": 0, "ttl_s": 1})
     async with (
@@ -451,14 +462,18 @@ async def test_batch_items_carry_their_own_settings() -> None:
     ("arguments", "expected"),
     [
         pytest.param({"prompts": ["x"] * 6}, "prompts: List should have at most 5 items", id="too many"),
-        pytest.param({}, "prompts: give either prompts", id="neither"),
+        pytest.param({}, "prompts: give prompts (a list of strings) or items", id="neither"),
+        pytest.param({"items": [{"prompt": "x" * 1001}]}, "items.0.prompt: at most 1000 characters", id="long item"),
+        pytest.param({"items": [{"prompt": "\u200b "}]}, "items.0.prompt: must contain some", id="blank item"),
+        pytest.param({"items": [{"prompt": "a", "system": " "}]}, "items.0.system: must contain", id="blank system"),
+        pytest.param({"prompts": ["\u200b\u200b"]}, "prompts.0: must contain some", id="zero-width prompt"),
         pytest.param({"prompts": ["x"], "items": [{"prompt": "y"}]}, "not both", id="both"),
         pytest.param({"prompts": []}, "prompts: List should have at least 1 item", id="empty"),
         pytest.param({"items": [{"prompt": "y", "colour": 1}]}, "colour", id="unknown item key"),
     ],
 )
 async def test_bad_batches_are_refused_and_change_nothing(arguments: dict[str, Any], expected: str) -> None:
-    async with serving(make_config(batch={"max_items": 5})) as (_, client):
+    async with serving(make_config(batch={"max_items": 5}, pipeline={"max_prompt_chars": 1000})) as (_, client):
         result = await client.call_tool("batch_infer", arguments)
         totals = await totals_of(client)
     assert expected in error_text(result)

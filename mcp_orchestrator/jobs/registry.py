@@ -90,7 +90,6 @@ class Jobs:
         if not self._running:
             self._idle = anyio.Event()
         self._running[owner] += 1
-        self.started += 1
         self._task_group.start_soon(self._run, job, work, name=f"job:{tool}:{job.id}")
         return job
 
@@ -98,6 +97,7 @@ class Jobs:
         """`job`'s id is about to be given to its caller: from now on its result is kept
         (async so that a registry shared with other processes can publish it first)."""
         job.handed_out = True
+        self.started += 1
         if job.ended and job.id not in self._ended:
             self._keep(job)
 

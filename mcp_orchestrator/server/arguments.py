@@ -50,6 +50,15 @@ def arguments_model(tool: str, function: Callable[..., Any]) -> type[BaseModel]:
     return model
 
 
+INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+"""Zero-width characters str.strip leaves: a prompt of only these is as blank as spaces."""
+
+
+def blank(value: str) -> bool:
+    """Whether `value` has no visible text (whitespace and zero-width characters only)."""
+    return not value.strip().strip(INVISIBLE).strip()
+
+
 ExtraCheck = Callable[[dict[str, Any]], list[Problem]]
 """Problems a tool's arguments can have beyond their types and limits (which options a worker
 kind takes, say), so that one answer names every problem of a call."""

@@ -138,7 +138,7 @@ def view(job: Job, pipeline: Pipeline, poll_after_ms: int) -> JobView:
     if job.state is JobState.completed:
         result: CallToolResult = job.result
         if result.is_error:
-            return JobView(status="failed", error=text_of(result), **common)
+            return JobView(status="failed", error=text_of(result), **{**common, "message": "failed"})
         return JobView(status="completed", result=result.structured_content, **common)
     if job.state is JobState.failed:
         return JobView(status="failed", error=str(job.failure), **common)

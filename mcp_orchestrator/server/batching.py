@@ -14,6 +14,7 @@ from mcp_orchestrator.errors import ConfigError, Problem
 from mcp_orchestrator.jobs.batch import ItemOutcome, groups_of, run_batch
 from mcp_orchestrator.models import BatchItem, BatchItemResult, BatchResult, Submission
 from mcp_orchestrator.pipeline.request import Request
+from mcp_orchestrator.server.arguments import blank
 from mcp_orchestrator.server.background import CURRENT_JOB
 from mcp_orchestrator.server.progress import Reporter, with_heartbeat
 
@@ -80,36 +81,59 @@ async def report_items(receive: MemoryObjectReceiveStream[ItemOutcome], reporter
             await reporter.send(f"{done}/{total} items done (item {outcome.index} {state})", progress=done)
 
 
-def batch_submissions(shared: Submission, prompts: list[str] | None, items: list[BatchItem] | None) -> list[Submission]:
-    """One submission per item: the shared values, with what an item sets of its own."""
-    if (prompts is None) == (items is None):
-        problem = Problem("prompts", "give either prompts (a list of strings) or items (a list of objects), not both")
-        raise ConfigError("batch_infer", [problem] if prompts is None else [problem, Problem("items", problem.message)])
+def batch_submissions(
+    shared: Submission, prompts: list[str] | None, items: list[BatchItem] | None, max_chars: int
+) -> list[Submission]:
+    """One submission per item: the shared values, with what an item sets of its own. An
+    item's prompt and system prompt are held to infer's rules (ConfigError names them all)."""
+    if prompts is None and items is None:
+        raise ConfigError(
+            "batch_infer", [Problem("prompts", "give prompts (a list of strings) or items (a list of objects)")]
+        )
+    if prompts is not None and items is not None:
+        message = "give either prompts or items, not both"
+        raise ConfigError("batch_infer", [Problem("prompts", message), Problem("items", message)])
     if prompts is not None:
         return [shared.model_copy(update={"prompt": prompt}) for prompt in prompts]
     assert items is not None
-    submissions = []
-    for item in items:
-        params = shared.params.model_copy(
-            update={
-                name: value
-                for name, value in (
-                    ("max_tokens", item.max_tokens),
-                    ("temperature", item.temperature),
-                    ("top_p", item.top_p),
-                    ("seed", item.seed),
-                    ("stop", None if item.stop is None else tuple(item.stop)),
-                )
-                if value is not None
-            }
-        )
-        update: dict[str, Any] = {"prompt": item.prompt, "params": params}
-        if item.system is not None:
-            update["system"] = item.system
-        if item.priority is not None:
-            update["priority"] = item.priority
-        submissions.append(shared.model_copy(update=update))
-    return submissions
+    problems = [problem for index, item in enumerate(items) for problem in item_problems(index, item, max_chars)]
+    if problems:
+        raise ConfigError("batch_infer", problems)
+    return [item_submission(shared, item) for item in items]
+
+
+def item_problems(index: int, item: BatchItem, max_chars: int) -> list[Problem]:
+    problems = []
+    for name, text in (("prompt", item.prompt), ("system", item.system)):
+        if text is None:
+            continue
+        if len(text) > max_chars:
+            problems.append(Problem(f"items.{index}.{name}", f"at most {max_chars} characters (got {len(text)})"))
+        elif blank(text):
+            problems.append(Problem(f"items.{index}.{name}", "must contain some non-whitespace text"))
+    return problems
+
+
+def item_submission(shared: Submission, item: BatchItem) -> Submission:
+    params = shared.params.model_copy(
+        update={
+            name: value
+            for name, value in (
+                ("max_tokens", item.max_tokens),
+                ("temperature", item.temperature),
+                ("top_p", item.top_p),
+                ("seed", item.seed),
+                ("stop", None if item.stop is None else tuple(item.stop)),
+            )
+            if value is not None
+        }
+    )
+    update: dict[str, Any] = {"prompt": item.prompt, "params": params}
+    if item.system is not None:
+        update["system"] = item.system
+    if item.priority is not None:
+        update["priority"] = item.priority
+    return shared.model_copy(update=update)
 
 
 def batch_result(outcomes: list[ItemOutcome], distinct: int) -> BatchResult:

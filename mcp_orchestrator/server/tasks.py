@@ -21,10 +21,9 @@ from mcp.server.extension import Extension, MethodBinding
 from mcp.server.mcpserver.server import require_client_extension
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolRequestParams, RequestParams
-from pydantic import Field
 
 from mcp_orchestrator.config import TasksSection
-from mcp_orchestrator.errors import JobError, OrchestratorError, ShuttingDown
+from mcp_orchestrator.errors import JobError, OrchestratorError, ShuttingDown, shown
 from mcp_orchestrator.jobs import Job, JobFailure, Jobs, JobState
 from mcp_orchestrator.pipeline import Pipeline
 from mcp_orchestrator.server.background import CURRENT_JOB, describe, error_result
@@ -37,11 +36,26 @@ INVALID_PARAMS = -32602
 
 
 class TaskIdParams(RequestParams):
-    task_id: str = Field(min_length=1, max_length=64)
+    """Taken as sent and checked in `task_id_of`, so that an error names the field (the SDK's
+    own check answers "Invalid request parameters" and nothing more)."""
+
+    task_id: Any = None
 
 
 class UpdateTaskParams(TaskIdParams):
-    input_responses: dict[str, Any] = Field(default_factory=dict)
+    input_responses: Any = None
+
+
+MAX_TASK_ID = 64
+
+
+def task_id_of(params: TaskIdParams) -> str:
+    value = params.task_id
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_TASK_ID:
+        got = "missing" if value is None else f"got {shown(value, 40)}"
+        message = f"taskId: required, a string of 1-{MAX_TASK_ID} characters ({got})"
+        raise MCPError(code=INVALID_PARAMS, message=message)
+    return value
 
 
 def declared(ctx: ServerRequestContext[Any, Any]) -> bool:
@@ -111,8 +125,9 @@ class TasksExtension(Extension):
 
     async def _find(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> Job:
         require_client_extension(ctx, TASKS)  # -32021 for a client that did not declare it
+        task_id = task_id_of(params)
         try:
-            return await self._jobs.find(owner_of(ctx), params.task_id)
+            return await self._jobs.find(owner_of(ctx), task_id)
         except JobError as exc:
             raise MCPError(code=INVALID_PARAMS, message=f"Failed to retrieve task: {exc}") from None
 
@@ -120,6 +135,11 @@ class TasksExtension(Extension):
         return self._task(await self._find(ctx, params), "complete")
 
     async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> HandlerResult:
+        if params.input_responses is not None and not isinstance(params.input_responses, dict):
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"inputResponses: must be an object (got {shown(params.input_responses, 40)})",
+            )
         await self._find(ctx, params)  # no tool here asks for input: responses are acknowledged and ignored
         return {"resultType": "complete"}
 

@@ -53,7 +53,7 @@ from mcp_orchestrator.models import (
     TopP,
 )
 from mcp_orchestrator.pipeline.request import ChunkSink, Request
-from mcp_orchestrator.server.arguments import ArgumentCheck, ExtraCheck, invalid_arguments
+from mcp_orchestrator.server.arguments import ArgumentCheck, ExtraCheck, blank, invalid_arguments
 from mcp_orchestrator.server.background import (
     CANCEL_SETTLE_S,
     CURRENT_JOB,
@@ -94,7 +94,7 @@ BACKGROUND_HELP = (
 
 
 def _non_blank(value: str | None) -> str | None:
-    if value is not None and not value.strip():
+    if value is not None and blank(value):
         raise ValueError("must contain some non-whitespace text")
     return value
 
@@ -389,7 +389,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
             dedup=dedup,
             cache=cache,
         )
-        submissions = batch_submissions(shared, prompts, items)
+        submissions = batch_submissions(shared, prompts, items, max_prompt)
         if background and CURRENT_JOB.get() is None:
             return await start_background(ctx, "batch_infer", lambda: run_batch_call(ctx, orchestrator, submissions))
         return await run_batch_call(ctx, orchestrator, submissions)
