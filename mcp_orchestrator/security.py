@@ -27,9 +27,15 @@ REDACTED = "[redacted]"
 # `auth_token_env`, which name an environment variable rather than hold a value.
 _SECRET_NAME = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
 _SECRET_QUERY = re.compile(
-    r"(?P<name>[?&;][^=&;#\s\"]*(?:key|token|secret|passw|sig|auth)[^=&;#\s\"]*)=[^&;#\s\"]*", re.IGNORECASE
+    r"(?P<name>[?&;][^=&;#\s\"]{0,40}(?:key|token|secret|passw|sig|auth)[^=&;#\s\"]{0,40})=[^&;#\s\"]*",
+    re.IGNORECASE,
 )
-_URL_WITH_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
+# Bounded repeats and a scheme that starts a word: linear time on any input (an unbounded
+# `[a-z]*://` backtracks quadratically over a long run of letters).
+_URL_WITH_PASSWORD = re.compile(
+    r"(?<![a-z0-9+.-])(?P<scheme>[a-z][a-z0-9+.-]{0,31}://)(?P<user>[^:/@\s]{0,256}):(?P<password>[^@/\s]{1,1024})@",
+    re.I,
+)
 
 
 def normalize_host(host: str) -> str:

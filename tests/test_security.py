@@ -279,3 +279,15 @@ async def test_configure_worker_is_off_by_default_over_http_and_on_over_stdio() 
         assert "configure_worker" in {tool.name for tool in (await client.list_tools()).tools}
     async with running() as (_, client):
         assert "configure_worker" in {tool.name for tool in (await client.list_tools()).tools}
+
+
+def test_redaction_leaves_long_text_alone_and_finds_secrets_in_it() -> None:
+    """Error messages quote values through the redaction. The URL pattern once backtracked over
+    every run of letters (quadratic: a 300,000-character prompt took minutes); these inputs
+    pass through in milliseconds now, and the secrets inside long text are still found."""
+    from mcp_orchestrator.security import redact_text
+
+    for text in ["a" * 300_000, "?" + "a" * 300_000, "&" * 300_000, "http://" * 40_000]:
+        assert redact_text(text) == text
+    padded = "a" * 100_000 + " http://u:pw@h/?api_key=k " + "b" * 100_000
+    assert redact_text(padded) == "a" * 100_000 + " http://u:[redacted]@h/?api_key=[redacted] " + "b" * 100_000
