@@ -37,6 +37,12 @@ _RETRY = RetryPolicy()
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
 
+    def _at_most(self, lower: str, upper: str) -> None:
+        """Key `lower` must not be greater than key `upper` of this section (ValueError naming both)."""
+        low, high = getattr(self, lower), getattr(self, upper)
+        if low > high:
+            raise ValueError(f"{lower} ({low}) must not be greater than {upper} ({high})")
+
 
 class PipelineSection(_Section):
     name: Annotated[str, Field(min_length=1, max_length=128)] = "mcp-orchestrator"
@@ -166,10 +172,7 @@ class ResilienceSection(_Section):
 
     @model_validator(mode="after")
     def _base_not_above_max(self) -> ResilienceSection:
-        if self.retry_base_ms > self.retry_max_ms:
-            raise ValueError(
-                f"retry_base_ms ({self.retry_base_ms}) must not be greater than retry_max_ms ({self.retry_max_ms})"
-            )
+        self._at_most("retry_base_ms", "retry_max_ms")
         return self
 
     def breaker_settings(self) -> BreakerSettings:
@@ -283,10 +286,7 @@ class TasksSection(_Section):
 
     @model_validator(mode="after")
     def _per_caller_within_total(self) -> TasksSection:
-        if self.max_open_per_caller > self.max_open:
-            raise ValueError(
-                f"max_open_per_caller ({self.max_open_per_caller}) must not be greater than max_open ({self.max_open})"
-            )
+        self._at_most("max_open_per_caller", "max_open")
         return self
 
 
@@ -361,11 +361,7 @@ class ServerSection(_Section):
 
     @model_validator(mode="after")
     def _per_client_within_total(self) -> ServerSection:
-        if self.max_sessions_per_client > self.max_sessions:
-            raise ValueError(
-                f"max_sessions_per_client ({self.max_sessions_per_client}) must not be greater than "
-                f"max_sessions ({self.max_sessions})"
-            )
+        self._at_most("max_sessions_per_client", "max_sessions")
         return self
 
 

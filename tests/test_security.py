@@ -178,6 +178,10 @@ def test_check_config_prints_resolved_settings_redacted(capsys: pytest.CaptureFi
         ("[security]\nworker_origin = []\n", "security.worker_origin: unknown key; did you mean 'worker_origins'?"),
         ("[resilience]\ncircuit_breaker_success_rate = 1.5\n", "resilience.circuit_breaker_success_rate:"),
         ("[resilience]\nretry_base_ms = 9000\n", "retry_base_ms (9000) must not be greater than retry_max_ms (5000)"),
+        (
+            "[tasks]\nmax_open_per_caller = 2000\n",
+            "max_open_per_caller (2000) must not be greater than max_open (1000)",
+        ),
         ("[stages.inference.http]\nconect_timeout_s = 1\n", "stages.inference.http.conect_timeout_s: unknown key"),
         (
             "[stages.inference]\nworker = 'pool'\n[[stages.inference.replicas]]\nkind = 'llama_cpp'\nbse_url = 'x'\n",
