@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from mcp.types import CallToolResult, TextContent
@@ -56,93 +57,102 @@ class JobView(BaseModel):
     error: str | None = None
 
 
-def whereabouts(job: Job, pipeline: Pipeline) -> tuple[Running, StageName | None, int | None, int]:
-    """(status, stage, queue position, chunks streamed) of a running job."""
-    live = [request for request in job.requests if not request.ended]
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where a running job's work is."""
+
+    status: Running
+    stage: StageName | None = None
+    position: int | None = None
+    chunks: int = 0
+
+
+def whereabouts(job: Job, pipeline: Pipeline) -> Place:
+    """Where a running job's work is: its request's stage and queue place (one request), or
+    just "working" (a batch, or all its requests ended), and the chunks streamed."""
     if not job.requests:
-        return "queued", None, None, 0
-    if not live:
-        return "working", None, None, 0
-    places = [pipeline.locate(request) for request in live]
+        return Place("queued")
+    places = [pipeline.locate(request) for request in job.requests if not request.ended]
     chunks = sum(place.chunks for place in places)
-    if len(places) == 1:
-        place = places[0]
-        return ("queued" if place.position is not None else "working"), place.stage, place.position, chunks
-    return "working", None, None, chunks
+    if len(places) != 1:
+        return Place("working", chunks=chunks)
+    place = places[0]
+    return Place("queued" if place.position is not None else "working", place.stage, place.position, chunks)
+
+
+def where_line(stage: StageName, position: int | None, chunks: int) -> str:
+    """ "queued for inference, position 3" or "in the rag stage", with the chunks streamed."""
+    where = f"queued for inference, position {position}" if position is not None else f"in the {stage.value} stage"
+    return f"{where}; {chunks} tokens streamed" if chunks else where
 
 
 def describe(job: Job, pipeline: Pipeline) -> str:
     """One line on where the work is (statusMessage, progress heartbeats)."""
     if job.state is JobState.completed:
-        return "completed"
+        return f"failed: {text_of(job.result)}" if is_tool_error(job.result) else "completed"
     if job.state is JobState.failed:
         return f"failed: {job.failure}"
     if job.state is JobState.cancelled:
         return "cancelled"
     if job.elsewhere is not None:
         return job.elsewhere + ("; cancelling" if job.cancel_requested else "")
-    status, stage, position, chunks = whereabouts(job, pipeline)
-    parts = []
+    return running_line(job, whereabouts(job, pipeline))
+
+
+def running_line(job: Job, place: Place) -> str:
     if job.items_total:
         running = sum(1 for request in job.requests if not request.ended)
-        parts.append(f"{job.items_done}/{job.items_total} items done, {running} running")
-    elif stage is not None and position is not None:
-        parts.append(f"queued for inference, position {position}")
-    elif stage is not None:
-        parts.append(f"in the {stage.value} stage")
+        line = f"{job.items_done}/{job.items_total} items done, {running} running"
+        line += f"; {place.chunks} tokens streamed" if place.chunks else ""
+    elif place.stage is not None:
+        line = where_line(place.stage, place.position, place.chunks)
     else:
-        parts.append("starting" if status == "queued" else "working")
-    if chunks:
-        parts.append(f"{chunks} tokens streamed")
-    if job.cancel_requested:
-        parts.append("cancelling")
-    return "; ".join(parts)
+        line = "starting" if place.status == "queued" else "working"
+    return line + ("; cancelling" if job.cancel_requested else "")
 
 
 def describe_request(request: Request, pipeline: Pipeline) -> str:
     """One line on where one request is (the heartbeat of a call that waits for its answer)."""
     place = pipeline.locate(request)
-    if place.ended:
-        return "finishing"
-    where = (
-        f"queued for inference, position {place.position}"
-        if place.position is not None
-        else f"in the {place.stage.value} stage"
-    )
-    return f"{where}; {place.chunks} tokens streamed" if place.chunks else where
+    return "finishing" if place.ended else where_line(place.stage, place.position, place.chunks)
+
+
+def is_tool_error(result: Any) -> bool:
+    return isinstance(result, CallToolResult) and result.is_error
 
 
 def view(job: Job, pipeline: Pipeline, poll_after_ms: int) -> JobView:
-    age_s = round(max(0.0, time.time() - job.created_at), 3)
-    items = (job.items_done, job.items_total) if job.items_total else (None, None)
     common: dict[str, Any] = {
         "request_id": job.id,
         "tool": job.tool,
-        "message": describe(job, pipeline),
-        "age_s": age_s,
-        "items_done": items[0],
-        "items_total": items[1],
+        "age_s": round(max(0.0, time.time() - job.created_at), 3),
+        "items_done": job.items_done if job.items_total else None,
+        "items_total": job.items_total or None,
     }
     if job.state is JobState.working:
-        status, stage, position, chunks = (
-            whereabouts(job, pipeline) if job.elsewhere is None else ("working", None, None, 0)
-        )
+        if job.elsewhere is not None:  # another process runs it: its record says no more
+            place, message = Place("working"), describe(job, pipeline)
+        else:
+            place = whereabouts(job, pipeline)
+            message = running_line(job, place)
         return JobView(
-            status=status,
-            stage=stage,
-            position=position,
-            tokens_streamed=chunks,
+            status=place.status,
+            message=message,
+            stage=place.stage,
+            position=place.position,
+            tokens_streamed=place.chunks,
             poll_after_ms=poll_after_ms,
             **common,
         )
+    message = describe(job, pipeline)
     if job.state is JobState.completed:
         result: CallToolResult = job.result
         if result.is_error:
-            return JobView(status="failed", error=text_of(result), **{**common, "message": "failed"})
-        return JobView(status="completed", result=result.structured_content, **common)
+            return JobView(status="failed", message=message, error=text_of(result), **common)
+        return JobView(status="completed", message=message, result=result.structured_content, **common)
     if job.state is JobState.failed:
-        return JobView(status="failed", error=str(job.failure), **common)
-    return JobView(status="cancelled", **common)
+        return JobView(status="failed", message=message, error=str(job.failure), **common)
+    return JobView(status="cancelled", message=message, **common)
 
 
 def text_of(result: CallToolResult) -> str:
