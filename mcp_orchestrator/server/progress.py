@@ -97,25 +97,18 @@ async def with_progress(
             pass  # best effort: a slow client loses chunks, never the answer
 
     reporter = Reporter(ctx)
-    outcome: T | OrchestratorError
     forwarded = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_forward, receive, reporter, forwarded)
         if describe is not None:
             tg.start_soon(reporter.heartbeat, describe)
-        try:
-            outcome = await run(on_chunk)
-        except OrchestratorError as exc:
-            outcome = exc
-        finally:
-            send.close()
+        with send:
+            outcome = await _caught(run(on_chunk))
         # Let the queued chunks reach the client before the result, but never wait forever.
         with anyio.move_on_after(PROGRESS_DRAIN_S):
             await forwarded.wait()
         tg.cancel_scope.cancel()
-    if isinstance(outcome, OrchestratorError):
-        raise outcome
-    return outcome
+    return _unwrapped(outcome)
 
 
 async def with_heartbeat(
@@ -126,14 +119,23 @@ async def with_heartbeat(
     if not progress_requested(ctx):
         return await run(None)
     reporter = Reporter(ctx, total)
-    outcome: T | OrchestratorError
     async with anyio.create_task_group() as tg:
         tg.start_soon(reporter.heartbeat, describe)
-        try:
-            outcome = await run(reporter)
-        except OrchestratorError as exc:  # raised below, outside the group (not wrapped in a group)
-            outcome = exc
+        outcome = await _caught(run(reporter))
         tg.cancel_scope.cancel()
+    return _unwrapped(outcome)
+
+
+async def _caught(work: Awaitable[T]) -> T | OrchestratorError:
+    """`work`'s result, or the OrchestratorError it raised, returned: raised inside a task
+    group's body it would come out wrapped in an exception group; `_unwrapped` raises it after."""
+    try:
+        return await work
+    except OrchestratorError as exc:
+        return exc
+
+
+def _unwrapped(outcome: T | OrchestratorError) -> T:
     if isinstance(outcome, OrchestratorError):
         raise outcome
     return outcome
