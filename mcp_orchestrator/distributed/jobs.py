@@ -34,8 +34,6 @@ class SharedJobs:
         self.node = node
         self.cancel_local: Canceller = lambda job_id, owner: None
         """Set by the job registry: how a cancel asked on another process reaches the job."""
-        self.published = 0
-        self.fetched = 0
 
     def owner_digest(self, owner: str) -> str:
         return digest(owner)
@@ -52,7 +50,6 @@ class SharedJobs:
         key, data = self._keys.job(record.id), json.dumps(asdict(record), separators=(",", ":"))
         only_new = record.state == "working"
         await self._call(lambda client: client.set(key, data, px=max(1, int(ttl_s * 1000)), nx=only_new))
-        self.published += 1
 
     async def get(self, job_id: str) -> JobRecord | None:
         """The record of `job_id`, None when no process has it. MirrorUnavailable."""
@@ -64,7 +61,6 @@ class SharedJobs:
             record = JobRecord(**json.loads(raw))
         except (TypeError, ValueError):
             return None  # not ours (another version's shape): as good as absent
-        self.fetched += 1
         return record
 
     async def ask_cancel(self, job_id: str, owner: str) -> None:

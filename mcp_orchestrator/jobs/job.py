@@ -89,7 +89,6 @@ class JobRecord:
     tool: str
     kind: str
     state: str
-    message: str
     created_at: float
     updated_at: float
     node: str

@@ -93,7 +93,6 @@ class MirroredJobs(Jobs):
             tool=job.tool,
             kind=job.kind,
             state=job.state.value,
-            message=job.state.value,
             created_at=job.created_at,
             updated_at=job.updated_at,
             node=self._mirror.node,
@@ -116,7 +115,7 @@ class MirroredJobs(Jobs):
         """A job another process runs, as its record says (it runs nothing here)."""
         copy = Job(record.id, owner, record.tool, record.kind, record.created_at, record.updated_at)
         copy.handed_out = True
-        copy.elsewhere = f"{record.message} on {record.node}"
+        copy.elsewhere = f"{record.state} on {record.node}"
         self._update(copy, record)
         return copy
 
