@@ -1,7 +1,8 @@
 """The MCP surface: the tools, their arguments, and how results and errors are shaped.
 
 Tools validate their arguments (pydantic constraints in the signatures; argument errors
-are shaped in arguments.py), call the orchestrator and shape its answers. Every error the
+are shaped in arguments.py), call the orchestrator and shape its answers (their output
+models are in outputs.py). Every error the
 orchestrator raises on purpose becomes a tool error here, in `_tool`, and nowhere else:
 argument problems as `Invalid arguments for TOOL: ...`, everything else with its own
 message (the SDK puts `Error executing tool TOOL: ` in front).
@@ -14,7 +15,7 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -23,23 +24,14 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
-    GetJsonSchemaHandler,
     Strict,
-    ValidationError,
-    model_validator,
 )
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
 
 from mcp_orchestrator import __version__
 from mcp_orchestrator.errors import ConfigError, OrchestratorError, Problem, WorkerError, WorkerSpecError
 from mcp_orchestrator.models import (
     BatchItem,
-    BatchResult,
-    DeadLetter,
     DeadLetterReason,
     GenerationParams,
     InferResult,
@@ -58,7 +50,6 @@ from mcp_orchestrator.server.background import (
     CANCEL_SETTLE_S,
     CURRENT_JOB,
     MAX_STATUS_WAIT_MS,
-    JobView,
     as_job,
     describe,
     describe_request,
@@ -67,8 +58,15 @@ from mcp_orchestrator.server.background import (
 )
 from mcp_orchestrator.server.batching import batch_submissions, run_batch_call
 from mcp_orchestrator.server.identity import owner_of
+from mcp_orchestrator.server.outputs import (
+    BatchOrQueued,
+    DeadLetterList,
+    InferOrQueued,
+    InferOutput,
+    JobOutput,
+    WorkerDescription,
+)
 from mcp_orchestrator.server.progress import Reporter, with_heartbeat, with_progress
-from mcp_orchestrator.server.schema import either, flat_json_schema
 from mcp_orchestrator.server.tasks import TasksExtension
 from mcp_orchestrator.workers.options import CONFIG_ONLY, WorkerOptions
 from mcp_orchestrator.workers.registry import BuildContext, parse_options, summaries
@@ -100,71 +98,6 @@ def _non_blank(value: str | None) -> str | None:
 
 
 NonBlank = AfterValidator(_non_blank)
-
-
-class InferOutput(InferResult):
-    """InferResult as `replay_dead_letter` publishes it: the same fields, with the flat
-    output schema of `flat_json_schema` (cheap for clients to validate every result against)."""
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        return flat_json_schema(InferResult)
-
-
-class _Either(BaseModel):
-    """An output model for a tool that returns one of two shapes: the SDK checks every
-    structured result against its tool's output model, and this one accepts exactly what
-    `first` or `second` accepts. Its published schema is `either(first, second)`."""
-
-    model_config = ConfigDict(extra="allow")
-    shapes: ClassVar[tuple[type[BaseModel], type[BaseModel]]]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_of_the_shapes(cls, data: Any) -> Any:
-        first, second = cls.shapes
-        try:
-            first.model_validate(data)
-        except ValidationError:
-            second.model_validate(data)  # neither: this one's errors are raised
-        return data
-
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        return either(*cls.shapes)
-
-
-class InferOrQueued(_Either):
-    """`infer`'s output: its result, or (background=true) the queued request's status. The
-    answer's flat schema is the first branch: a validator that accepts it looks no further."""
-
-    shapes = (InferResult, JobView)
-
-
-class BatchOrQueued(_Either):
-    """`batch_infer`'s output: the batch's results, or (background=true) its status."""
-
-    shapes = (BatchResult, JobView)
-
-
-class JobOutput(JobView):
-    @classmethod
-    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        return flat_json_schema(JobView)
-
-
-class DeadLetterList(BaseModel):
-    entries: list[DeadLetter]
-    total: int
-    """How many dead letters the queue holds now (before filtering)."""
-    capacity: int
-
-
-class WorkerDescription(BaseModel):
-    kind: str
-    model: str
-    previous: dict[str, Any]
-    settings: dict[str, Any]
 
 
 def _answer(result: InferResult) -> CallToolResult:
