@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -118,6 +119,39 @@ async def test_the_shared_cache_keeps_its_bounds(redis: RedisServer) -> None:
         kept = [await state.flights.join(f"k{n}", look=True, share=False) for n in range(5)]
     assert [joined.verdict for joined in kept] == ["alone", "alone", "hit", "hit", "hit"]
     assert state.cache.put_args("big", "x" * (dedup.max_bytes + 1)) is None
+
+
+async def test_a_flight_publishes_its_outcome_only_when_another_process_follows(redis: RedisServer) -> None:
+    """Distinct prompts (nobody follows) cost no process a message; a follower that joined
+    before the leader ended is told, once, and the mark goes with the flight."""
+    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="told"), _dedup(), 100) for _ in range(2))
+    async with leader.running(), follower.running():
+        listener = leader.link.client.pubsub(ignore_subscribe_messages=True)
+        await listener.subscribe(leader.keys.events)
+
+        async def published() -> list[str]:
+            messages = []
+            with anyio.move_on_after(0.3):
+                while True:
+                    message = await listener.get_message(ignore_subscribe_messages=True, timeout=0.3)
+                    if message is not None:
+                        messages.append(json.loads(message["data"])["k"])
+
+            return messages
+
+        assert (await leader.flights.join("alone", look=True, share=True)).verdict == "lead"
+        await leader.flights.end("alone", _ok(), None)
+        assert await published() == []
+
+        assert (await leader.flights.join("watched", look=True, share=True)).verdict == "lead"
+        with follower.flights.watch("watched") as watch:
+            assert (await follower.flights.join("watched", look=True, share=True)).verdict == "follow"
+            await leader.flights.end("watched", _ok(), None)
+            outcome = await watch.wait(5.0)
+        assert outcome == _ok()
+        assert await published() == ["watched"]
+        assert not await leader.link.client.exists(leader.keys.followed("watched"), leader.keys.lock("watched"))
+        await listener.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_the_global_bucket_never_grants_more_than_its_bound(redis: RedisServer) -> None:

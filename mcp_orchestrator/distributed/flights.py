@@ -4,11 +4,16 @@
 
 `join` is one Lua script, so "is there an answer, else take the lock, else who holds it" is
 atomic. The leader's lock (`SET NX PX lock_ttl`) is renewed every third of its expiry while
-its call runs; when the call ends, one script drops the lock and publishes the outcome
-(the answer itself, a failure, or "released": nobody waits for it here any more) on the
-events channel. Followers wait for that message without polling: each process has one
-subscription (events.py) that hands it to the local watcher of that key. A follower
-registers before it joins, so a message published after its join cannot be missed; if
+its call runs; when the call ends, one script drops the lock and, if some process follows
+the flight, publishes the outcome (the answer itself, a failure, or "released": nobody
+waits for it here any more) on the events channel. A follower's join marks the flight
+followed in the same script that tells it to follow, and the leader's end reads and drops
+that mark in the script that drops the lock: so a flight nobody follows (the common case:
+distinct prompts) publishes nothing and costs no process any message to read, and a
+follower that joined before the end is always told. Followers wait for that message
+without polling: each process has one subscription (events.py) that hands it to the local
+watcher of that key. A follower registers before it joins, so a message published after
+its join cannot be missed; if
 the message never comes (the leader died, or the subscription was down), the follower
 joins again when the lock would have expired: then the lock is gone and one follower
 takes it over. Nobody waits past its own deadline: the caller's cancel scope bounds it.
@@ -39,9 +44,12 @@ if ARGV[3] == '1' then
 end
 if ARGV[4] == '0' then return {'alone', ''} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lead', ''} end
+redis.call('SET', KEYS[3], '1', 'PX', 2 * tonumber(ARGV[2]))
 return {'follow', tostring(redis.call('PTTL', KEYS[2]))}
 """
-"""KEYS: answer, lock. ARGV: owner, lock ttl ms, look in the cache (1/0), may lead or follow (1/0)."""
+"""KEYS: answer, lock, followed. ARGV: owner, lock ttl ms, look in the cache (1/0), may lead or
+follow (1/0). A follower re-joins at least once per lock expiry, so the mark (twice that) outlives
+no follower and stays while one waits."""
 
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -53,16 +61,16 @@ END = (
     PUT_FUNCTION
     + """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if #KEYS > 1 then
-  cache_put(KEYS[2], KEYS[3], KEYS[4], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
+if #KEYS > 2 then
+  cache_put(KEYS[3], KEYS[4], KEYS[5], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
             tonumber(ARGV[8]))
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 """
 )
-"""KEYS: lock [, answer, index, sizes]. ARGV: owner, channel, message [, cache_put's arguments].
-Drops our lock, stores the answer when asked, then tells every waiting process."""
+"""KEYS: lock, followed [, answer, index, sizes]. ARGV: owner, channel, message [, cache_put's
+arguments]. Drops our lock, stores the answer when asked, then tells the waiting processes, if any."""
 
 Verdict = Literal["hit", "lead", "follow", "alone"]
 
@@ -129,10 +137,8 @@ class Flights:
         keys = self._keys
         args = (self.owner, self.lock_ttl_ms, "1" if look else "0", "1" if share else "0")
 
-        async def run(client: Redis) -> Any:
-            return await self._join(keys=(keys.answer(key), keys.lock(key)), args=args)
-
-        verdict, detail = await self._link.call(run)
+        names = (keys.answer(key), keys.lock(key), keys.followed(key))
+        verdict, detail = await self._link.script(self._join, names, args)
         verdict = _text(verdict)
         if verdict == "hit":
             return Joined("hit", answer=_text(detail))
@@ -188,16 +194,13 @@ class Flights:
         """Drop our lock, store the answer in the shared cache when `cache` says how
         (SharedCache.put_args), and publish `outcome` to every process. RedisUnavailable."""
         message = json.dumps({"t": "flight", "k": key, "s": outcome.status, "a": outcome.answer, "e": outcome.error})
-        names: list[str] = [self._keys.lock(key)]
+        names: list[str] = [self._keys.lock(key), self._keys.followed(key)]
         args: list[str | int] = [self.owner, self._keys.events, message]
         if cache is not None:
             names += cache[0]
             args += cache[1]
 
-        async def run(client: Redis) -> Any:
-            return await self._end(keys=names, args=args)
-
-        await self._link.call(run)
+        await self._link.script(self._end, names, args)
 
 
 def _text(value: Any) -> str:

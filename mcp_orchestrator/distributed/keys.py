@@ -42,6 +42,10 @@ class Keys:
         """A flight's lock: held by the process calling the backend for `key`."""
         return f"{self.prefix}:flight:{key}"
 
+    def followed(self, key: str) -> str:
+        """Present while some process follows the flight for `key`: its leader publishes the outcome."""
+        return f"{self.prefix}:followed:{key}"
+
     def bucket(self, scope: str) -> str:
         """A rate-limit bucket's state (its theoretical arrival time)."""
         return f"{self.prefix}:bucket:{scope}"

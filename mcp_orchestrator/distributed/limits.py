@@ -19,9 +19,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
-
-from redis.asyncio import Redis
 
 from mcp_orchestrator.distributed.keys import Keys
 from mcp_orchestrator.distributed.link import Link
@@ -105,10 +102,7 @@ class SharedLimits:
             args += [interval_us(bucket.rate), bucket.burst]
         names = [bucket.key for bucket in buckets]
 
-        async def run(client: Redis) -> Any:
-            return await self._reserve(keys=names, args=args)
-
-        granted, wait_us, bound = await self._link.call(run)
+        granted, wait_us, bound = await self._link.script(self._reserve, names, args)
         if granted:
             self.granted += 1
         else:

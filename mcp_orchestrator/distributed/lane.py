@@ -1,0 +1,101 @@
+"""The fast lane: the scripts every new request runs (a flight's join and end, a rate-limit
+reservation) on connections this process keeps for them alone.
+
+Through redis-py's pooled client a command costs 0.1-0.4 ms of Python around a round trip
+of 30-100 µs (the pool's locks and health read, event dispatch, metrics hooks, the retry
+wrapper), and that was most of what Redis added to a call (BENCHMARKS.md, "Redis's added
+latency"). Here a command takes an idle connection from a stack, sends EVALSHA, reads the
+reply and puts the connection back: the library still connects, packs and parses; only the
+pool's bookkeeping is skipped.
+
+A command cut short (timeout, cancellation, a broken connection) may leave its reply on
+the wire, so its connection is closed, never reused. At most `size` commands run at once;
+the others wait for a connection, as they would for the pool's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+Argument = str | int
+
+
+class Lane:
+    def __init__(self, pool: ConnectionPool, size: int) -> None:
+        # No socket timeout of the library's own: the link's deadline bounds the whole command.
+        self._settings = {**pool.connection_kwargs, "socket_timeout": None}
+        self._connection_class = pool.connection_class
+        self._idle: list[AbstractConnection] = []
+        self._slots = anyio.Semaphore(size)
+
+    async def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Argument]) -> Any:
+        """Run `script`; its reply, or the library's exception (ResponseError: Redis refused it)."""
+        async with self._slots:
+            reused = bool(self._idle)
+            connection = self._idle.pop() if reused else self._connection_class(**self._settings)
+            try:
+                reply = await _run(connection, script, keys, args)
+            except RedisConnectionError:
+                await _close(connection)
+                if not reused:
+                    raise
+                # An idle connection dies with a Redis restart, and the command it carried
+                # never ran: once more on a new connection, as redis-py's own retry would.
+                connection = self._connection_class(**self._settings)
+                try:
+                    reply = await _run(connection, script, keys, args)
+                except BaseException as exc:
+                    await self._after_failure(connection, exc)
+                    raise
+            except BaseException as exc:
+                await self._after_failure(connection, exc)
+                raise
+            self._idle.append(connection)
+            return reply
+
+    async def _after_failure(self, connection: AbstractConnection, exc: BaseException) -> None:
+        if isinstance(exc, ResponseError):  # a whole reply was read: the connection is in step
+            self._idle.append(connection)
+        else:
+            await _close(connection)
+
+    async def warm(self, count: int) -> None:
+        """Open up to `count` idle connections now, so the first requests do not pay for them
+        (one after another: a few loopback connects). The library's exception when Redis is not there."""
+        while len(self._idle) < count:
+            connection = self._connection_class(**self._settings)
+            try:
+                await connection.connect()  # type: ignore[no-untyped-call]
+            except BaseException:
+                await _close(connection)
+                raise
+            self._idle.append(connection)
+
+    async def aclose(self) -> None:
+        """Close the idle connections (after Redis came back they are dead anyway)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await _close(connection)
+
+
+async def _run(
+    connection: AbstractConnection, script: AsyncScript, keys: Sequence[str], args: Sequence[Argument]
+) -> Any:
+    try:
+        await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await connection.read_response()
+    except NoScriptError:  # Redis restarted empty: EVAL sends the text and caches it again
+        await connection.send_command("EVAL", script.script, len(keys), *keys, *args)
+        return await connection.read_response()
+
+
+async def _close(connection: AbstractConnection) -> None:
+    with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+        await connection.disconnect(nowait=True)
