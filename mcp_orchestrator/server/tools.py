@@ -57,6 +57,7 @@ from mcp_orchestrator.server.background import (
     status_result,
 )
 from mcp_orchestrator.server.batching import batch_submissions, run_batch_call
+from mcp_orchestrator.server.header_schemas import check_declared_headers_only
 from mcp_orchestrator.server.identity import owner_of
 from mcp_orchestrator.server.outputs import (
     BatchOrQueued,
@@ -129,6 +130,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         auth=orchestrator.oauth.settings if orchestrator.oauth else None,  # OAuth over HTTP: server/oauth.py
         token_verifier=orchestrator.oauth.verifier if orchestrator.oauth else None,
     )
+    check_declared_headers_only(server)
     arguments = ArgumentCheck()
     # Arguments infer and batch_infer share (no __future__ annotations here: the SDK reads these).
     SystemArg = Annotated[str | None, Field(max_length=max_prompt, description="System prompt."), NonBlank]
