@@ -20,6 +20,7 @@ from mcp_orchestrator.errors import ConfigError
 from mcp_orchestrator.models import Submission
 from testbeds.processes import free_port
 from testbeds.redis import RedisServer, redis_server
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -126,6 +127,7 @@ async def test_a_flight_publishes_its_outcome_only_when_another_process_follows(
     before the leader ended is told, once, and the mark goes with the flight."""
     leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="told"), _dedup(), 100) for _ in range(2))
     async with leader.running(), follower.running():
+        await _subscribed(leader, follower)
         listener = leader.link.client.pubsub(ignore_subscribe_messages=True)
         await listener.subscribe(leader.keys.events)
 
@@ -154,6 +156,38 @@ async def test_a_flight_publishes_its_outcome_only_when_another_process_follows(
         await listener.aclose()  # type: ignore[no-untyped-call]
 
 
+async def test_a_follower_is_told_even_when_the_leader_holds_a_longer_lock(redis: RedisServer) -> None:
+    """A rolling change of lock_ttl_ms: the follower's mark lasts as long as the leader's lock
+    (it joins again only then), not just twice its own expiry."""
+    leader = SharedState(redis.url, DistributedSection(key_prefix="ttl", lock_ttl_ms=5000), _dedup(), 100)
+    follower = SharedState(redis.url, DistributedSection(key_prefix="ttl", lock_ttl_ms=200), _dedup(), 100)
+    async with leader.running(), follower.running():
+        await _subscribed(leader, follower)
+        assert (await leader.flights.join("long", look=True, share=True)).verdict == "lead"
+        with follower.flights.watch("long") as watch:
+            joined = await follower.flights.join("long", look=True, share=True)
+            assert joined.verdict == "follow" and joined.lock_ms > 4000
+            await anyio.sleep(0.6)  # past twice the follower's own expiry
+            await leader.flights.end("long", _ok(), None)
+            outcome = await watch.wait(2.0)
+    assert outcome == _ok()
+
+
+async def test_a_script_is_sent_once_on_a_new_connection_after_redis_restarts(redis: RedisServer) -> None:
+    """The idle connections die with a restart; the next command notices before sending (no
+    retry that could run a script twice) and Redis, restarted empty, gets the script's text."""
+    state = SharedState(redis.url, DistributedSection(key_prefix="once", timeout_ms=2000), _dedup(), 100)
+    async with state.running():
+        count = state.link.client.register_script("return redis.call('INCR', KEYS[1])")
+        assert await state.link.script(count, ["once:n"], []) == 1
+        redis.stop()
+        redis.start()
+        await anyio.sleep(0.2)  # the closed sockets' end reaches the event loop
+        assert await state.link.script(count, ["once:n"], []) == 1  # restarted empty: counted once
+        assert await state.link.script(count, ["once:n"], []) == 2
+        assert state.link.failures == 0
+
+
 async def test_the_global_bucket_never_grants_more_than_its_bound(redis: RedisServer) -> None:
     """Three SharedStates (three connections, as three processes would have) take from one
     bucket as fast as they can, never waiting: at most burst + rate * elapsed succeed."""
@@ -176,6 +210,11 @@ async def test_a_replay_is_claimed_once(redis: RedisServer) -> None:
         claims = [await state.dead_letters.claim("dl-x-1") for state in (*states, states[0])]
     assert claims[0] is None
     assert claims[1] == states[0].owner and claims[2] == states[0].owner
+
+
+async def _subscribed(*states: SharedState) -> None:
+    """Wait for each state's events subscription: one made later wakes every follower ("released")."""
+    await wait_for(lambda: all(state.events.connected for state in states))
 
 
 def _ok() -> Outcome:

@@ -44,12 +44,14 @@ if ARGV[3] == '1' then
 end
 if ARGV[4] == '0' then return {'alone', ''} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lead', ''} end
-redis.call('SET', KEYS[3], '1', 'PX', 2 * tonumber(ARGV[2]))
-return {'follow', tostring(redis.call('PTTL', KEYS[2]))}
+local left = redis.call('PTTL', KEYS[2])
+redis.call('SET', KEYS[3], '1', 'PX', math.max(left, 0) + 2 * tonumber(ARGV[2]))
+return {'follow', tostring(left)}
 """
 """KEYS: answer, lock, followed. ARGV: owner, lock ttl ms, look in the cache (1/0), may lead or
-follow (1/0). A follower re-joins at least once per lock expiry, so the mark (twice that) outlives
-no follower and stays while one waits."""
+follow (1/0). A follower joins again when the leader's lock would expire (its `left`), so a mark
+that lasts longer than that (by twice this process's expiry) stays while a follower waits, even
+when the leader's lock_ttl_ms is another one (a rolling change of it), and outlives none by long."""
 
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end

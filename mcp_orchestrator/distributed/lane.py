@@ -9,8 +9,9 @@ reply and puts the connection back: the library still connects, packs and parses
 pool's bookkeeping is skipped.
 
 A command cut short (timeout, cancellation, a broken connection) may leave its reply on
-the wire, so its connection is closed, never reused. At most `size` commands run at once;
-the others wait for a connection, as they would for the pool's.
+the wire, so its connection is closed, never reused; and a command is never sent twice (see
+`evalsha`). At most `size` commands run at once; the others wait for a connection, as they
+would for the pool's.
 """
 
 from __future__ import annotations
@@ -34,55 +35,66 @@ class Lane:
         self._connection_class = pool.connection_class
         self._idle: list[AbstractConnection] = []
         self._slots = anyio.Semaphore(size)
+        self._closed = False
 
     async def evalsha(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Argument]) -> Any:
-        """Run `script`; its reply, or the library's exception (ResponseError: Redis refused it)."""
+        """Run `script`; its reply, or the library's exception (ResponseError: Redis refused it).
+        Never sent twice: a script that ran but whose reply was lost must not run again (a
+        join would find its own lock, a reservation would take two tokens)."""
         async with self._slots:
-            reused = bool(self._idle)
-            connection = self._idle.pop() if reused else self._connection_class(**self._settings)
+            connection = await self._take()
             try:
                 reply = await _run(connection, script, keys, args)
-            except RedisConnectionError:
-                await _close(connection)
-                if not reused:
-                    raise
-                # An idle connection dies with a Redis restart, and the command it carried
-                # never ran: once more on a new connection, as redis-py's own retry would.
-                connection = self._connection_class(**self._settings)
-                try:
-                    reply = await _run(connection, script, keys, args)
-                except BaseException as exc:
-                    await self._after_failure(connection, exc)
-                    raise
-            except BaseException as exc:
-                await self._after_failure(connection, exc)
+            except ResponseError:  # a whole reply was read: the connection is in step
+                await self._give_back(connection)
                 raise
-            self._idle.append(connection)
-            return reply
-
-    async def _after_failure(self, connection: AbstractConnection, exc: BaseException) -> None:
-        if isinstance(exc, ResponseError):  # a whole reply was read: the connection is in step
-            self._idle.append(connection)
-        else:
-            await _close(connection)
-
-    async def warm(self, count: int) -> None:
-        """Open up to `count` idle connections now, so the first requests do not pay for them
-        (one after another: a few loopback connects). The library's exception when Redis is not there."""
-        while len(self._idle) < count:
-            connection = self._connection_class(**self._settings)
-            try:
-                await connection.connect()  # type: ignore[no-untyped-call]
             except BaseException:
                 await _close(connection)
                 raise
+            await self._give_back(connection)
+            return reply
+
+    async def _take(self) -> AbstractConnection:
+        """An idle connection still in step, else a new one. An idle connection that saw Redis
+        go away (a restart closes every connection) or holds stray bytes is closed here,
+        before anything is sent on it, so no command needs to be sent again."""
+        while self._idle:
+            connection = self._idle.pop()
+            try:
+                if not await connection.can_read():  # in memory only: EOF seen, or bytes buffered
+                    return connection
+            except (OSError, RedisConnectionError):
+                pass
+            await _close(connection)
+        return self._connection_class(**self._settings)
+
+    async def _give_back(self, connection: AbstractConnection) -> None:
+        if self._closed:
+            await _close(connection)
+        else:
             self._idle.append(connection)
 
-    async def aclose(self) -> None:
-        """Close the idle connections (after Redis came back they are dead anyway)."""
+    async def open_one(self) -> None:
+        """Open one idle connection now, so a first request does not pay for it. The library's
+        exception when Redis is not there."""
+        connection = self._connection_class(**self._settings)
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            await _close(connection)
+            raise
+        await self._give_back(connection)
+
+    async def drop_idle(self) -> None:
+        """Close the idle connections (after an outage they are dead anyway)."""
         idle, self._idle = self._idle, []
         for connection in idle:
             await _close(connection)
+
+    async def aclose(self) -> None:
+        """Close the idle connections, and each busy one as its command ends."""
+        self._closed = True
+        await self.drop_idle()
 
 
 async def _run(

@@ -35,7 +35,7 @@ T = TypeVar("T")
 PROBE_INTERVAL_S = 0.5
 """How often a degraded link pings Redis (a cheap PING; recovery is noticed within this)."""
 MAX_CONNECTIONS = 16
-"""Pooled connections per process. Commands take a fraction of a millisecond, so a burst queues
+"""Pooled connections per process, and as many again on the lane (lane.py). Commands take a fraction of a millisecond, so a burst queues
 for a connection (briefly) instead of opening dozens at once: opening one takes round trips,
 and a burst of openings on a busy machine is what made commands miss their timeout."""
 WARM_CONNECTIONS = 4
@@ -135,14 +135,14 @@ class Link:
 
         async def open_lane() -> None:
             try:
-                await self.call(lambda _client: self.lane.warm(WARM_CONNECTIONS))
+                await self.call(lambda _client: self.lane.open_one())
             except RedisUnavailable:
                 pass
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(open_lane)
+        async with anyio.create_task_group() as tg:  # in parallel, each within the timeout
             for _ in range(WARM_CONNECTIONS):
                 tg.start_soon(ping)
+                tg.start_soon(open_lane)
 
     async def run(self) -> None:
         """Forever: wait for the link to degrade, then ping until Redis answers again."""
@@ -153,7 +153,7 @@ class Link:
                     break
                 await anyio.sleep(PROBE_INTERVAL_S)
             self._down = anyio.Event()
-            await self.lane.aclose()  # its idle connections went with the outage
+            await self.lane.drop_idle()  # its idle connections went with the outage
             self.healthy = True
             self.transitions += 1
             outage = time.time() - (self.degraded_since or time.time())
