@@ -22,7 +22,6 @@ from typing import Any
 import anyio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.commands.core import AsyncScript
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 Argument = str | int
@@ -63,7 +62,7 @@ class Lane:
             try:
                 if not await connection.can_read():  # in memory only: EOF seen, or bytes buffered
                     return connection
-            except (OSError, RedisConnectionError):
+            except Exception:  # whatever it is, the connection is not trusted with a command
                 pass
             await _close(connection)
         return self._connection_class(**self._settings)
