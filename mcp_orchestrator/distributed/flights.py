@@ -13,10 +13,9 @@ distinct prompts) publishes nothing and costs no process any message to read, an
 follower that joined before the end is always told. Followers wait for that message
 without polling: each process has one subscription (events.py) that hands it to the local
 watcher of that key. A follower registers before it joins, so a message published after
-its join cannot be missed; if
-the message never comes (the leader died, or the subscription was down), the follower
-joins again when the lock would have expired: then the lock is gone and one follower
-takes it over. Nobody waits past its own deadline: the caller's cancel scope bounds it.
+its join cannot be missed; if the message never comes (the leader died, or the
+subscription was down), the follower joins again when the lock would have expired: then
+the lock is gone and one follower takes it over. Nobody waits past its own deadline: the caller's cancel scope bounds it.
 """
 
 from __future__ import annotations
@@ -194,7 +193,8 @@ class Flights:
 
     async def end(self, key: str, outcome: Outcome, cache: tuple[list[str], list[str | int]] | None) -> None:
         """Drop our lock, store the answer in the shared cache when `cache` says how
-        (SharedCache.put_args), and publish `outcome` to every process. RedisUnavailable."""
+        (SharedCache.put_args), and publish `outcome` when another process follows the flight.
+        RedisUnavailable."""
         message = json.dumps({"t": "flight", "k": key, "s": outcome.status, "a": outcome.answer, "e": outcome.error})
         names: list[str] = [self._keys.lock(key), self._keys.followed(key)]
         args: list[str | int] = [self.owner, self._keys.events, message]

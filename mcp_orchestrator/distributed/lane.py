@@ -3,8 +3,8 @@ reservation) on connections this process keeps for them alone.
 
 Through redis-py's pooled client a command costs 0.1-0.4 ms of Python around a round trip
 of 30-100 µs (the pool's locks and health read, event dispatch, metrics hooks, the retry
-wrapper), and that was most of what Redis added to a call (BENCHMARKS.md, "Redis's added
-latency"). Here a command takes an idle connection from a stack, sends EVALSHA, reads the
+wrapper), and that was most of what Redis added to a call (BENCHMARKS.md, "Gateway, after
+cheaper Redis and header checks"). Here a command takes an idle connection from a stack, sends EVALSHA, reads the
 reply and puts the connection back: the library still connects, packs and parses; only the
 pool's bookkeeping is skipped.
 

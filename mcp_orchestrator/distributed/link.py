@@ -35,9 +35,10 @@ T = TypeVar("T")
 PROBE_INTERVAL_S = 0.5
 """How often a degraded link pings Redis (a cheap PING; recovery is noticed within this)."""
 MAX_CONNECTIONS = 16
-"""Pooled connections per process, and as many again on the lane (lane.py). Commands take a fraction of a millisecond, so a burst queues
-for a connection (briefly) instead of opening dozens at once: opening one takes round trips,
-and a burst of openings on a busy machine is what made commands miss their timeout."""
+"""Pooled connections per process, and as many again on the lane (lane.py). Commands take a
+fraction of a millisecond, so a burst queues for a connection (briefly) instead of opening
+dozens at once: opening one takes round trips, and a burst of openings on a busy machine is
+what made commands miss their timeout."""
 WARM_CONNECTIONS = 4
 """Connections opened at start, so the first requests do not pay for them."""
 
