@@ -353,7 +353,7 @@ async def _serve_http(orchestrator: Any, shutdown: Shutdown, listener: socket.so
     import uvicorn
 
     from mcp_orchestrator.server.draining import DrainGate, Uvicorn
-    from mcp_orchestrator.server.http import MCP_PATH, build_http_app
+    from mcp_orchestrator.server.http import HTTP_PROTOCOL, MCP_PATH, build_http_app
 
     server_config = orchestrator.config.server
     token = os.environ.get(server_config.auth_token_env) or None
@@ -369,6 +369,7 @@ async def _serve_http(orchestrator: Any, shutdown: Shutdown, listener: socket.so
         log_level=orchestrator.config.observability.log_level,
         access_log=False,
         lifespan="on",
+        http=HTTP_PROTOCOL,
         timeout_graceful_shutdown=int(STOP_TIMEOUT_S),  # once drained only GET streams remain, ended at once
     )
     # Bound by us rather than by uvicorn so the banner shows the real port (`--port 0` picks one).

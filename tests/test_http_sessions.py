@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractContextManager, asynccontextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
 import pytest
-import uvicorn
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 from starlette.types import Message, Scope
@@ -28,11 +26,11 @@ from starlette.types import Message, Scope
 from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.config import config_from_mapping
 from mcp_orchestrator.errors import ConfigError
-from mcp_orchestrator.server.http import build_http_app
 from mcp_orchestrator.server.sessions import SessionCaps, SessionLimits, SessionTable, client_key
 from tests.conftest import wait_for
 from tests.support_admission import GatedWorker
 from tests.support_processes import HttpServer, http_server
+from tests.support_served import served
 from tests.test_http import leaves
 
 pytestmark = pytest.mark.anyio
@@ -288,32 +286,6 @@ def test_client_key_groups_an_ipv6_host_and_unwraps_mapped_ipv4() -> None:
 
 
 # ---------------------------------------------------------------------------- cancellation on disconnect
-
-
-@asynccontextmanager
-async def served(orchestrator: Orchestrator) -> AsyncIterator[str]:
-    """`orchestrator` over streamable HTTP on a free loopback port, in this process; yields the MCP URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    app = build_http_app(orchestrator, "127.0.0.1", [], [], None)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
-    done = anyio.Event()
-
-    async def serve() -> None:
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            done.set()
-
-    with sock:
-        async with orchestrator, anyio.create_task_group() as tg:
-            tg.start_soon(serve)
-            await wait_for(lambda: server.started or done.is_set())
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp"
-            server.should_exit = True
-            with anyio.fail_after(TIMEOUT_S):
-                await done.wait()
 
 
 class LegacySession:

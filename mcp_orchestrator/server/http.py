@@ -4,7 +4,9 @@ The guard checks Host/Origin on every path (DNS-rebinding protection stays on fo
 any bind address) and, when a bearer token is configured, the Authorization header; with
 OAuth configured instead, oauth.py's gate checks access tokens behind it.
 Behind it, MCP sessions are capped per client address and in total, idle ones expire, and
-a session request whose client went away is cancelled ([server] keys, see session_guards).
+a session request whose client went away is cancelled ([server] keys, see session_guards);
+a 2026-07-28 call that asked for no progress is answered without the SDK's per-call tasks
+(quiet_calls.py). Served by uvicorn with the protocol in protocol.py (`HTTP_PROTOCOL`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from mcp_orchestrator.server.bodies import read_body, replaying
 from mcp_orchestrator.server.disconnect import CancelOnDisconnect
 from mcp_orchestrator.server.messages import INVALID_REQUEST, Rejection, check
 from mcp_orchestrator.server.oauth import protect
+from mcp_orchestrator.server.protocol import OrchestratorH11Protocol
+from mcp_orchestrator.server.quiet_calls import QuietCalls, answer_quiet_calls_as_json
 from mcp_orchestrator.server.sessions import SessionCaps, SessionLimits, SessionTable
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,8 @@ PLACEHOLDER_TOKENS = frozenset(
 HEALTH_PATH = "/healthz"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HTTP_PROTOCOL = OrchestratorH11Protocol
+"""uvicorn's `http=` for the MCP server: quiet calls need its ClientGone to be cancelled when their client leaves."""
 
 
 def is_loopback(host: str) -> bool:
@@ -224,7 +230,9 @@ def build_http_app(
         max_sessions=section.max_sessions,
         max_request_body_size=section.max_message_bytes,
     )
-    checked = CheckedMessages(session_guards(app, section), MCP_PATH, section.max_message_bytes)
+    answer_quiet_calls_as_json(server.session_manager)
+    quiet = QuietCalls(app, MCP_PATH, section.max_message_bytes)
+    checked = CheckedMessages(session_guards(quiet, section), MCP_PATH, section.max_message_bytes)
     # OAuth outside the session caps and the message check: they then see who is calling, and an
     # unauthenticated request is refused before its body is read.
     return Guard(protect(checked, orchestrator.oauth, MCP_PATH, HEALTH_PATH), settings, token)
