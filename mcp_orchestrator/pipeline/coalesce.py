@@ -127,7 +127,8 @@ class Trips:
     def complete(self, trip: Trip) -> None:
         """The trip's answer is every waiter's; it is cached for identical requests to come."""
         answer = trip.answer()
-        waiters = self._close(trip, answer)
+        lead, trip.lead = trip.lead, None  # told after the waiters: other processes' news is off their path
+        waiters = self._close(trip)
         if trip.key is not None and trip.cacheable:
             self._cache.put(trip.key, CachedAnswer.pack(answer))
         now = self._time()
@@ -136,6 +137,8 @@ class Trips:
             if not request.coalesced:
                 request.stage_ms, request.attempts = trip.stage_ms, trip.attempts
             end(request, Outcome.completed, now, answer=answer)
+        if lead is not None:
+            lead.finish(answer, trip.cacheable)
 
     def fail(self, trip: Trip, error: RequestError, reason: DeadLetterReason) -> None:
         """The trip ended without an answer: one dead letter, the error to every waiter."""
@@ -194,16 +197,14 @@ class Trips:
         trip.worker, trip.model, trip.provenance = answer.worker, answer.model, answer.provenance
         self.complete(trip)
 
-    def _close(self, trip: Trip, answer: Answer | None = None, failure: str | None = None) -> list[Request]:
-        """Stop `trip` and take its waiters (the trip no longer holds them). A trip leading a
-        flight shared with other processes tells them how it ended (its answer, its failure,
-        or neither: then one of them takes the flight over)."""
+    def _close(self, trip: Trip, failure: str | None = None) -> list[Request]:
+        """Stop `trip` and take its waiters (the trip no longer holds them). A trip still leading
+        a flight shared with other processes tells them it failed, or that it let go (then
+        one of them takes the flight over); `complete` tells its answer itself."""
         trip.stop()
         lead, trip.lead = trip.lead, None
         if lead is not None:
-            if answer is not None:
-                lead.finish(answer, trip.cacheable)
-            elif failure is not None:
+            if failure is not None:
                 lead.fail(failure)
             else:
                 lead.release()

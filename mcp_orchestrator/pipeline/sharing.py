@@ -101,20 +101,25 @@ class FlightLead:
     key: str
 
     def finish(self, answer: Answer, cacheable: bool) -> None:
+        self.sharing.leads.discard(self)
+        self.sharing.shared.soon(partial(self._finished, answer, cacheable))
+
+    async def _finished(self, answer: Answer, cacheable: bool) -> None:
+        # Encoded here, in the background task: the caller's answer does not wait for it.
         payload = encode(answer)
         cache = self.sharing.shared.cache.put_args(self.key, payload) if cacheable else None
-        self._end(Outcome("ok", answer=payload), cache)
+        await self.sharing.shared.flights.end(self.key, Outcome("ok", answer=payload), cache)
 
     def fail(self, error: str) -> None:
-        self._end(Outcome("failed", error=error), None)
+        self._end(Outcome("failed", error=error))
 
     def release(self) -> None:
-        self._end(Outcome("released"), None)
+        self._end(Outcome("released"))
 
-    def _end(self, outcome: Outcome, cache: tuple[list[str], list[str | int]] | None) -> None:
+    def _end(self, outcome: Outcome) -> None:
         self.sharing.leads.discard(self)
         flights = self.sharing.shared.flights
-        self.sharing.shared.soon(partial(flights.end, self.key, outcome, cache))
+        self.sharing.shared.soon(partial(flights.end, self.key, outcome, None))
 
 
 # ---------------------------------------------------------------------------- the pipeline's side
