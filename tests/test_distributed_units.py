@@ -12,15 +12,16 @@ import anyio
 import pytest
 
 from mcp_orchestrator import Orchestrator
-from mcp_orchestrator.config import DeduplicationSection, DistributedSection, config_from_mapping
+from mcp_orchestrator.config import Config, DeduplicationSection, DistributedSection, config_from_mapping
 from mcp_orchestrator.distributed.flights import Outcome
 from mcp_orchestrator.distributed.link import where
 from mcp_orchestrator.distributed.shared import SharedState
 from mcp_orchestrator.errors import ConfigError
-from mcp_orchestrator.models import Submission
+from mcp_orchestrator.models import InferResult, Submission
 from testbeds.processes import free_port
 from testbeds.redis import RedisServer, redis_server
 from tests.conftest import wait_for
+from tests.support_admission import GatedWorker
 
 pytestmark = pytest.mark.anyio
 
@@ -210,6 +211,51 @@ async def test_a_replay_is_claimed_once(redis: RedisServer) -> None:
         claims = [await state.dead_letters.claim("dl-x-1") for state in (*states, states[0])]
     assert claims[0] is None
     assert claims[1] == states[0].owner and claims[2] == states[0].owner
+
+
+# ---------------------------------------------------------------------------- who runs the first join
+
+
+def _shared_config(redis: RedisServer, prefix: str) -> Config:
+    return config_from_mapping({"distributed": {"redis_url": redis.url, "key_prefix": prefix}})
+
+
+async def test_a_follower_whose_caller_leaves_still_answers_the_others_waiting_with_it(redis: RedisServer) -> None:
+    """Two identical requests in one process wait on another process's flight; the one that
+    started the trip leaves, and the other still gets the flight's answer."""
+    leading_worker, following_worker = GatedWorker(), GatedWorker()
+    config = _shared_config(redis, "handoff")
+    async with Orchestrator(config, leading_worker) as leader, Orchestrator(config, following_worker) as follower:
+        shared = [o.pipeline.sharing.shared for o in (leader, follower)]  # type: ignore[union-attr]
+        await _subscribed(*shared)
+        flights = shared[1].flights
+        results: list[InferResult] = []
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(leader.infer, Submission(prompt="one answer"))
+                await wait_for(lambda: leading_worker.calls == 1)
+                leaving = anyio.CancelScope()
+
+                async def first_caller() -> None:
+                    with leaving:
+                        await follower.infer(Submission(prompt="one answer"))
+
+                tg.start_soon(first_caller)
+                await wait_for(lambda: flights.followed == 1)
+
+                async def second_caller() -> None:
+                    results.append(await follower.infer(Submission(prompt="one answer")))
+
+                tg.start_soon(second_caller)
+                await wait_for(lambda: len(follower.pipeline.ledger.live) == 2)
+                leaving.cancel()  # the first caller leaves while following
+                await wait_for(lambda: follower.status().totals.cancelled == 1)
+                leading_worker.open()
+        status = follower.status()
+    assert following_worker.calls == 0
+    assert [(r.text, r.coalesced) for r in results] == [("one answer", True)]
+    assert (status.totals.cancelled, status.totals.completed, status.totals.in_flight) == (1, 1, 0)
+    assert status.reconciles and leader.status().reconciles
 
 
 async def _subscribed(*states: SharedState) -> None:

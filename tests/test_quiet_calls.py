@@ -120,8 +120,8 @@ async def test_a_quiet_call_whose_client_leaves_is_cancelled_with_its_backend_ca
         async with served(orchestrator) as url:
             async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http, anyio.create_task_group() as tg:
 
-                async def abandoned() -> None:
-                    await http.post(url, json=call(3, "abandoned"), headers=headers(BOTH))
+                async def abandoned() -> None:  # JSON only: the SDK's streaming path would refuse it
+                    await http.post(url, json=call(3, "abandoned"), headers=headers(JSON_ONLY))
 
                 tg.start_soon(abandoned)
                 await wait_for(lambda: worker.calls == 1)
@@ -131,6 +131,32 @@ async def test_a_quiet_call_whose_client_leaves_is_cancelled_with_its_backend_ca
             totals = orchestrator.status().totals
             assert totals.in_flight == 0 and totals.completed == 0
             assert orchestrator.pipeline.reconciles()
+
+
+def raw_post(url: str, message: dict[str, Any], accept: str) -> bytes:
+    """One HTTP/1.1 POST as bytes, to send on a raw connection."""
+    body = json.dumps(message).encode()
+    host = url.split("/")[2]
+    lines = ["POST /mcp HTTP/1.1", f"host: {host}", "content-type: application/json", f"content-length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers(accept).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_a_request_pipelined_after_a_quiet_call_does_not_inherit_its_json_mode() -> None:
+    """uvicorn starts a pipelined request from the end of the previous response, in its task:
+    the quiet call's mode must be gone by then."""
+    async with served(echo_orchestrator()) as url:
+        port = int(url.split(":")[2].split("/")[0])
+        both = raw_post(url, call(1, "quiet"), BOTH) + raw_post(url, call(2, "loud", "p"), JSON_ONLY)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(both)
+            received = b""
+            with anyio.fail_after(TIMEOUT_S):
+                while received.count(b"HTTP/1.1 ") < 2:
+                    received += await stream.receive()
+    first, second = received.split(b"HTTP/1.1 ")[1:3]
+    assert first.startswith(b"200 ")
+    assert second.startswith(b"406 ")  # the loud call took the streaming path, as it would alone
 
 
 async def test_a_long_quiet_call_is_kept_alive_as_sse_and_answered_in_the_stream(
@@ -159,6 +185,42 @@ async def test_a_long_quiet_call_is_kept_alive_as_sse_and_answered_in_the_stream
     message = json.loads(answer.split("data: ", 1)[1])
     assert message["id"] == 4 and message["result"]["structuredContent"]["text"] == "slow answer"
     assert orchestrator.pipeline.reconciles()
+
+
+async def test_a_long_call_from_a_client_that_takes_only_json_gets_no_keep_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Switching to SSE would send what the client said it does not accept: it waits for JSON."""
+    monkeypatch.setattr(quiet_calls, "KEEPALIVE_S", 0.05)
+    worker = GatedWorker()
+    orchestrator = Orchestrator(config_from_mapping({"server": {"transport": "http"}}), worker)
+    with anyio.fail_after(TIMEOUT_S):
+        async with (
+            served(orchestrator) as url,
+            httpx2.AsyncClient(timeout=TIMEOUT_S) as http,
+            anyio.create_task_group() as tg,
+        ):
+            answers: list[httpx2.Response] = []
+
+            async def slow_call() -> None:
+                answers.append(await http.post(url, json=call(5, "patient"), headers=headers(JSON_ONLY)))
+
+            tg.start_soon(slow_call)
+            await wait_for(lambda: worker.calls == 1)
+            await anyio.sleep(0.3)  # six keep-alive intervals
+            worker.open()
+    assert answers[0].status_code == 200 and answers[0].headers["content-type"] == "application/json"
+    assert answers[0].json()["result"]["structuredContent"]["text"] == "patient"
+
+
+async def test_a_body_over_the_read_ahead_limit_takes_the_streaming_path() -> None:
+    """After such a body uvicorn stops reading until asked: nothing would see the client leave."""
+    async with served(echo_orchestrator()) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+        large = call(6, "many words " * 7_000)  # 77 kB
+        refused = await http.post(url, json=large, headers=headers(JSON_ONLY))
+        answered = await http.post(url, json=large, headers=headers(BOTH))
+    assert refused.status_code == 406
+    assert answered.status_code == 200 and answered.json()["id"] == 6
 
 
 @pytest.mark.parametrize(

@@ -133,12 +133,14 @@ class Trips:
             self._cache.put(trip.key, CachedAnswer.pack(answer))
         now = self._time()
         end = self._ledger.end
-        for request in waiters:
-            if not request.coalesced:
-                request.stage_ms, request.attempts = trip.stage_ms, trip.attempts
-            end(request, Outcome.completed, now, answer=answer)
-        if lead is not None:
-            lead.finish(answer, trip.cacheable)
+        try:
+            for request in waiters:
+                if not request.coalesced:
+                    request.stage_ms, request.attempts = trip.stage_ms, trip.attempts
+                end(request, Outcome.completed, now, answer=answer)
+        finally:
+            if lead is not None:
+                lead.finish(answer, trip.cacheable)
 
     def fail(self, trip: Trip, error: RequestError, reason: DeadLetterReason) -> None:
         """The trip ended without an answer: one dead letter, the error to every waiter."""

@@ -7,7 +7,7 @@ asks Redis, in one round trip, whether another process already has the answer (t
 cache), is getting it (then the trip follows that flight and its waiters answer
 `coalesced: true`), or whether this trip leads. A leading trip passes the rate limits
 (one shared bucket for every process) and runs the stages as usual; when it ends, its
-outcome reaches the followers (coalesce.Trips._close tells its `Lead`).
+outcome reaches the followers (coalesce.Trips tells its `Lead`, after its own waiters).
 
 When Redis cannot answer in time (distributed/link.py), the trip goes on exactly as without
 sharing: local flights, cache, limits. Nothing waits on Redis past its timeout.
@@ -106,9 +106,15 @@ class FlightLead:
 
     async def _finished(self, answer: Answer, cacheable: bool) -> None:
         # Encoded here, in the background task: the caller's answer does not wait for it.
-        payload = encode(answer)
-        cache = self.sharing.shared.cache.put_args(self.key, payload) if cacheable else None
-        await self.sharing.shared.flights.end(self.key, Outcome("ok", answer=payload), cache)
+        flights = self.sharing.shared.flights
+        try:
+            payload = encode(answer)
+            cache = self.sharing.shared.cache.put_args(self.key, payload) if cacheable else None
+        except Exception:  # a bug must not stop the background tasks; followers take the flight over
+            log.exception("could not share the answer of flight %s; releasing it", self.key)
+            await flights.end(self.key, Outcome("released"), None)
+            return
+        await flights.end(self.key, Outcome("ok", answer=payload), cache)
 
     def fail(self, error: str) -> None:
         self._end(Outcome("failed", error=error))

@@ -22,10 +22,14 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.types import Scope
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 CLIENT_GONE = "mcp_orchestrator.client_gone"
 """The key of a request's ClientGone in `scope["extensions"]`."""
+READ_AHEAD_LIMIT = HIGH_WATER_LIMIT
+"""Bytes of a request body the protocol buffers before it stops reading the connection until
+the app asks for more: after a larger body, a closed connection goes unseen until then."""
 
 
 class ClientGone:

@@ -30,11 +30,13 @@ import json
 from contextvars import ContextVar
 
 import anyio
+from mcp.server.streamable_http import check_accept_headers
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_orchestrator.server.bodies import read_body, replaying
-from mcp_orchestrator.server.protocol import ClientGone, client_gone
+from mcp_orchestrator.server.protocol import READ_AHEAD_LIMIT, ClientGone, client_gone
 from mcp_orchestrator.server.sessions import is_legacy
 
 KEEPALIVE_S = 15.0
@@ -94,7 +96,9 @@ class QuietCalls:
             return
         read, body = await read_body(receive, self.limit)
         replay = replaying(read, receive)
-        if body is None or not is_quiet(body):
+        # A body over uvicorn's read-ahead limit leaves reading paused until someone calls
+        # receive() again, and then the client's leaving would go unseen: the SDK's path then.
+        if body is None or len(body) > READ_AHEAD_LIMIT or not is_quiet(body):
             await self.app(scope, replay, send)
             return
         await self._answer(scope, replay, send, gone)
@@ -102,16 +106,19 @@ class QuietCalls:
     async def _answer(self, scope: Scope, receive: Receive, send: Send, gone: ClientGone) -> None:
         token = _ANSWER_AS_JSON.set(True)
         response = KeptAlive(send, self.keepalive_s)
+        takes_sse = check_accept_headers(Request(scope))[1]  # else no keep-alive: it would switch to SSE
         try:
             async with anyio.create_task_group() as tg:
                 leave = tg.cancel_scope.cancel
                 gone.add(leave)
                 # A timer, not a task: only a call that outlasts it starts one.
-                timer = asyncio.get_running_loop().call_later(self.keepalive_s, tg.start_soon, response.keep_alive)
+                loop = asyncio.get_running_loop()
+                timer = loop.call_later(self.keepalive_s, tg.start_soon, response.keep_alive) if takes_sse else None
                 try:
                     await self.app(scope, receive, response.send)
                 finally:
-                    timer.cancel()
+                    if timer is not None:
+                        timer.cancel()
                     gone.discard(leave)
                     tg.cancel_scope.cancel()  # a keep-alive started meanwhile ends with the call
         finally:
@@ -130,28 +137,50 @@ class KeptAlive:
         """Set once `keep_alive` runs: from then on the two send in turn."""
         self.started = False
         """The app began its response (before any keep-alive: nothing to switch)."""
+        self.finished = False
+        """The response is complete: no comment may follow it."""
         self.streaming = False
+        """keep_alive sent the head of an SSE stream; the app's own head is dropped."""
+        self._status = 200
+        self._answer = b""
 
     async def send(self, message: Message) -> None:
+        # The SDK read the mode long before it answers. Drop it now: uvicorn starts a pipelined
+        # next request, or resumes reading, from inside this send, and either copies our context.
+        _ANSWER_AS_JSON.set(False)
         if self._lock is None:
-            self.started = True
+            self._passed(message)
             await self._send(message)
             return
         async with self._lock:
-            await self._send_in_turn(message)
+            if self.streaming:
+                await self._streamed(message)
+            else:
+                self._passed(message)
+                await self._send(message)
 
-    async def _send_in_turn(self, message: Message) -> None:
+    def _passed(self, message: Message) -> None:
         self.started = True
-        if not self.streaming:
-            await self._send(message)
-        elif message["type"] == "http.response.body":  # the answer, as one SSE event
-            data = message.get("body", b"").decode("utf-8")
-            body = f"event: message\r\ndata: {data}\r\n\r\n".encode()
-            await self._send({"type": "http.response.body", "body": body, "more_body": False})
-        # its http.response.start is dropped: the stream's head went out already
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+
+    async def _streamed(self, message: Message) -> None:
+        """The app's response after the stream's head went out: its body becomes one event."""
+        if message["type"] == "http.response.start":
+            self._status = message["status"]
+            return
+        self._answer += message.get("body", b"")
+        if message.get("more_body", False):
+            return
+        self.finished = True
+        # A server error (500) carries no JSON-RPC answer: the stream just ends, as the SDK's does.
+        data = self._answer.decode("utf-8", "replace")
+        event = f"event: message\r\ndata: {data}\r\n\r\n".encode() if self._status < 500 else b""
+        await self._send({"type": "http.response.body", "body": event, "more_body": False})
 
     async def keep_alive(self) -> None:
-        """Switch to SSE and send a comment every interval until cancelled (the call ended)."""
+        """Switch to SSE and send a comment every interval until the answer is sent (or cancelled)."""
+        _ANSWER_AS_JSON.set(False)  # nothing this task starts is a quiet call
         lock = self._lock = anyio.Lock()
         async with lock:
             if self.started:
@@ -160,5 +189,7 @@ class KeptAlive:
             self.streaming = True
         while True:
             async with lock:
+                if self.finished:
+                    return
                 await self._send({"type": "http.response.body", "body": PING, "more_body": True})
             await anyio.sleep(self._interval_s)
