@@ -3,8 +3,10 @@
 One MCPServer (the official SDK) with one tool, `ask`, that sends the prompt to an OpenAI
 chat-completions backend with httpx2 (the HTTP client mcp-orchestrator's workers use, one
 pooled AsyncClient) and returns the answer's text. Nothing else: no queue, no limits, no
-retries, no metrics, no argument checks beyond the SDK's. Served over streamable HTTP with
-the same uvicorn settings as bench/noop_server.py (and as mcp-orchestrator serves itself).
+retries, no metrics, no argument checks beyond the SDK's. Served over streamable HTTP as the
+SDK serves a server by default (bench/noop_server.py: uvicorn's own HTTP protocol, the SDK's
+streaming mode); mcp-orchestrator's own HTTP protocol and JSON answers for plain calls
+(server/protocol.py, server/quiet_calls.py) are part of what the benchmark compares.
 
     .venv/bin/python -m bench.naive_bridge PORT BACKEND_V1_URL [MODEL]
 """

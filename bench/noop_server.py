@@ -1,11 +1,12 @@
 """Baseline servers for bench/mcp_overhead.py.
 
-`noop`: the same SDK server kind as mcp-orchestrator with one no-op tool, served like
-mcp-orchestrator serves itself (same uvicorn settings over HTTP: no access log, lifespan
-on, SSE responses at /mcp), so only the tool's own work differs.
+`noop`: the same SDK server kind as mcp-orchestrator with one no-op tool, served as the SDK
+serves one by default (uvicorn's own HTTP protocol, no access log, lifespan on, the SDK's
+streaming mode at /mcp): the baseline an MCP server gets without doing anything.
 
-`canned`: mcp-orchestrator's own MCP server (its tools, middleware and HTTP app) whose
-pipeline is bypassed: `infer` answers every call with one result computed at start-up.
+`canned`: mcp-orchestrator's own MCP server (its tools, middleware, HTTP app and uvicorn
+protocol, as the CLI serves it) whose pipeline is bypassed: `infer` answers every call with
+one result computed at start-up.
 It separates what the MCP layer costs for `infer` (arguments, the structured result and
 its output schema) from what the pipeline costs.
 
@@ -25,8 +26,8 @@ import uvicorn
 from mcp.server.mcpserver import MCPServer
 
 from mcp_orchestrator import Config, InferResult, Orchestrator, Submission
-from mcp_orchestrator.pipeline.request import ChunkSink
-from mcp_orchestrator.server.http import build_http_app
+from mcp_orchestrator.pipeline.request import ChunkSink, Request
+from mcp_orchestrator.server.http import HTTP_PROTOCOL, build_http_app
 
 server = MCPServer(name="noop", log_level="WARNING")
 
@@ -37,16 +38,25 @@ async def noop(prompt: str) -> str:
     return prompt
 
 
-async def serve_http(app: Any, port: int) -> None:
+async def serve_http(app: Any, port: int, protocol: Any = "auto") -> None:
+    """`app` on 127.0.0.1:`port`; `protocol`: uvicorn's `http=` (its own default unless given)."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_config=None, log_level="warning", access_log=False, lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        http=protocol,
     )
     await uvicorn.Server(config).serve()
 
 
 class CannedOrchestrator(Orchestrator):
-    """mcp-orchestrator with the pipeline bypassed: `infer` answers every call with the one
-    result it computed when started (its MCP server, middleware and HTTP app are the real ones)."""
+    """mcp-orchestrator with the pipeline bypassed: every request the tools submit is answered
+    with the one result computed when started (its MCP server, middleware and HTTP app are the
+    real ones). The tools submit and then wait, so both are replaced."""
 
     answer: InferResult | None = None
 
@@ -55,7 +65,12 @@ class CannedOrchestrator(Orchestrator):
         self.answer = await super().infer(Submission(prompt="a canned answer for every prompt"))
         return self
 
-    async def infer(self, submission: Submission, on_chunk: ChunkSink | None = None) -> InferResult:
+    def submit(
+        self, submission: Submission, on_chunk: ChunkSink | None = None, *, job_id: str | None = None
+    ) -> Request:
+        return Request("canned", submission, 0.0, 0.0, on_chunk, job_id)
+
+    async def wait(self, request: Request) -> InferResult:
         assert self.answer is not None
         return self.answer
 
@@ -66,7 +81,8 @@ async def serve_canned(http_port: int | None) -> None:
         if http_port is None:
             await orchestrator.server.run_stdio_async()
         else:
-            await serve_http(build_http_app(orchestrator, "127.0.0.1", [], [], None), http_port)
+            app = build_http_app(orchestrator, "127.0.0.1", [], [], None)
+            await serve_http(app, http_port, HTTP_PROTOCOL)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,17 @@ def echo_orchestrator() -> Orchestrator:
     return Orchestrator(config_from_mapping({"server": {"transport": "http"}}))
 
 
+def gated_orchestrator() -> tuple[GatedWorker, Orchestrator]:
+    """An orchestrator whose backend call waits until the test opens the worker's gate."""
+    worker = GatedWorker()
+    return worker, Orchestrator(config_from_mapping({"server": {"transport": "http"}}), worker)
+
+
+@pytest.fixture
+def short_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quiet_calls, "KEEPALIVE_S", 0.05)
+
+
 async def test_a_quiet_call_is_answered_in_json_mode() -> None:
     async with served(echo_orchestrator()) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
         for accept in (JSON_ONLY, BOTH):
@@ -94,8 +105,7 @@ async def test_a_server_without_client_gone_keeps_the_streaming_path() -> None:
 
 
 async def test_each_request_gets_its_own_mode_while_others_run() -> None:
-    worker = GatedWorker()
-    orchestrator = Orchestrator(config_from_mapping({"server": {"transport": "http"}}), worker)
+    worker, orchestrator = gated_orchestrator()
     with anyio.fail_after(TIMEOUT_S):
         async with served(orchestrator) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
             async with anyio.create_task_group() as tg:
@@ -114,8 +124,7 @@ async def test_each_request_gets_its_own_mode_while_others_run() -> None:
 
 
 async def test_a_quiet_call_whose_client_leaves_is_cancelled_with_its_backend_call() -> None:
-    worker = GatedWorker()
-    orchestrator = Orchestrator(config_from_mapping({"server": {"transport": "http"}}), worker)
+    worker, orchestrator = gated_orchestrator()
     with anyio.fail_after(TIMEOUT_S):
         async with served(orchestrator) as url:
             async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http, anyio.create_task_group() as tg:
@@ -159,12 +168,9 @@ async def test_a_request_pipelined_after_a_quiet_call_does_not_inherit_its_json_
     assert second.startswith(b"406 ")  # the loud call took the streaming path, as it would alone
 
 
-async def test_a_long_quiet_call_is_kept_alive_as_sse_and_answered_in_the_stream(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(quiet_calls, "KEEPALIVE_S", 0.05)
-    worker = GatedWorker()
-    orchestrator = Orchestrator(config_from_mapping({"server": {"transport": "http"}}), worker)
+@pytest.mark.usefixtures("short_keepalive")
+async def test_a_long_quiet_call_is_kept_alive_as_sse_and_answered_in_the_stream() -> None:
+    worker, orchestrator = gated_orchestrator()
     with anyio.fail_after(TIMEOUT_S):
         async with (
             served(orchestrator) as url,
@@ -187,13 +193,10 @@ async def test_a_long_quiet_call_is_kept_alive_as_sse_and_answered_in_the_stream
     assert orchestrator.pipeline.reconciles()
 
 
-async def test_a_long_call_from_a_client_that_takes_only_json_gets_no_keep_alive(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.usefixtures("short_keepalive")
+async def test_a_long_call_from_a_client_that_takes_only_json_gets_no_keep_alive() -> None:
     """Switching to SSE would send what the client said it does not accept: it waits for JSON."""
-    monkeypatch.setattr(quiet_calls, "KEEPALIVE_S", 0.05)
-    worker = GatedWorker()
-    orchestrator = Orchestrator(config_from_mapping({"server": {"transport": "http"}}), worker)
+    worker, orchestrator = gated_orchestrator()
     with anyio.fail_after(TIMEOUT_S):
         async with (
             served(orchestrator) as url,
