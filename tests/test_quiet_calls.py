@@ -1,10 +1,12 @@
 """Quiet calls (server/quiet_calls.py) and the server's HTTP protocol (server/protocol.py).
 
 A 2026-07-28 call without a progress token is answered by the SDK's JSON mode in the
-request's own task. The tests tell the two paths apart by what each accepts: the SDK's
-streaming path answers 406 to a client that does not accept `text/event-stream`, the JSON
-path answers it. The server runs in this process with the CLI's app and protocol
-(tests/support_served.py), so the tests can hold the backend call and see it cancelled.
+request's own task. The answer a client gets is the same either way, so the tests see which
+path a request took by what the SDK read as its `json_response` setting (`modes`, a spy on
+the per-request truth value), and what each path must still do by its effects: progress
+sent, a call cancelled when its client leaves, keep-alive comments. The server runs in this
+process with the CLI's app and protocol (tests/support_served.py), so the tests can hold the
+backend call and see it cancelled.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.config import config_from_mapping
 from mcp_orchestrator.server import quiet_calls
 from mcp_orchestrator.server.protocol import HeadWithBody
-from mcp_orchestrator.server.quiet_calls import is_quiet
+from mcp_orchestrator.server.quiet_calls import KeptAlive, PerRequestJsonResponse, is_quiet
 from tests.conftest import wait_for
 from tests.support_admission import GatedWorker
 from tests.support_served import served
@@ -72,39 +74,59 @@ def short_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(quiet_calls, "KEEPALIVE_S", 0.05)
 
 
-async def test_a_quiet_call_is_answered_in_json_mode() -> None:
-    async with served(echo_orchestrator()) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
-        for accept in (JSON_ONLY, BOTH):
-            response = await http.post(url, json=call(7, "quiet please"), headers=headers(accept))
-            assert response.status_code == 200, response.text
-            assert response.headers["content-type"] == "application/json"
-            answer = response.json()
-            assert answer["id"] == 7
-            assert answer["result"]["structuredContent"]["text"] == "quiet please"
+@pytest.fixture
+def modes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each truth the SDK reads from its `json_response` setting (True: JSON mode), in order."""
+    read: list[bool] = []
+    real = PerRequestJsonResponse.__bool__
+
+    def spied(self: PerRequestJsonResponse) -> bool:
+        read.append(real(self))
+        return read[-1]
+
+    monkeypatch.setattr(PerRequestJsonResponse, "__bool__", spied)
+    return read
 
 
-async def test_a_call_that_asks_for_progress_keeps_the_streaming_path() -> None:
+async def test_a_quiet_call_is_answered_in_json_mode(modes: list[bool]) -> None:
     async with served(echo_orchestrator()) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
-        refused = await http.post(url, json=call(1, "with progress", "p-1"), headers=headers(JSON_ONLY))
-        assert refused.status_code == 406  # the SDK's streaming path needs text/event-stream
+        response = await http.post(url, json=call(7, "quiet please"), headers=headers(BOTH))
+    assert modes and all(modes)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    answer = response.json()
+    assert answer["id"] == 7 and answer["result"]["structuredContent"]["text"] == "quiet please"
+
+
+async def test_a_call_that_asks_for_progress_keeps_the_streaming_path(modes: list[bool]) -> None:
+    async with served(echo_orchestrator()) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
         streamed = await http.post(url, json=call(2, "with progress", "p-2"), headers=headers(BOTH))
-    assert streamed.status_code == 200
+    assert modes and not any(modes)
+    assert streamed.status_code == 200 and streamed.headers["content-type"] == "text/event-stream"
     events = [json.loads(line[5:]) for line in streamed.text.splitlines() if line.startswith("data:")]
     progress = [event["params"]["message"] for event in events if event.get("method") == "notifications/progress"]
     assert progress == ["with", " progress"]
     assert events[-1]["id"] == 2 and events[-1]["result"]["structuredContent"]["text"] == "with progress"
 
 
-async def test_a_server_without_client_gone_keeps_the_streaming_path() -> None:
+async def test_the_sdk_still_refuses_a_client_that_does_not_accept_sse(modes: list[bool]) -> None:
+    """The spec asks clients to accept both; the SDK answers 406 otherwise, quiet or not."""
+    async with served(echo_orchestrator()) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
+        quiet = await http.post(url, json=call(1, "quiet"), headers=headers(JSON_ONLY))
+        loud = await http.post(url, json=call(2, "loud", "p"), headers=headers(JSON_ONLY))
+    assert (quiet.status_code, loud.status_code) == (406, 406)
+    assert not any(modes)
+
+
+async def test_a_server_without_client_gone_keeps_the_streaming_path(modes: list[bool]) -> None:
     """Under plain uvicorn nothing could cancel a quiet call whose client left: no JSON mode."""
     async with served(echo_orchestrator(), protocol="h11") as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
-        refused = await http.post(url, json=call(1, "quiet"), headers=headers(JSON_ONLY))
         answered = await http.post(url, json=call(2, "quiet"), headers=headers(BOTH))
-    assert refused.status_code == 406
+    assert modes and not any(modes)
     assert answered.status_code == 200 and answered.json()["result"]["structuredContent"]["text"] == "quiet"
 
 
-async def test_each_request_gets_its_own_mode_while_others_run() -> None:
+async def test_each_request_gets_its_own_mode_while_others_run(modes: list[bool]) -> None:
     worker, orchestrator = gated_orchestrator()
     with anyio.fail_after(TIMEOUT_S):
         async with served(orchestrator) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
@@ -112,28 +134,31 @@ async def test_each_request_gets_its_own_mode_while_others_run() -> None:
                 answers: list[httpx2.Response] = []
 
                 async def quiet_call() -> None:
-                    answers.append(await http.post(url, json=call(1, "held"), headers=headers(JSON_ONLY)))
+                    answers.append(await http.post(url, json=call(1, "held"), headers=headers(BOTH)))
 
                 tg.start_soon(quiet_call)
                 await wait_for(lambda: worker.calls == 1)  # a quiet call is in flight in JSON mode
+                assert modes and all(modes)
+                modes.clear()
                 loud = await http.post(url, json=call(2, "loud", "p"), headers=headers(JSON_ONLY))
-                assert loud.status_code == 406  # the flag of the call in flight is its own
+                assert loud.status_code == 406 and modes and not any(modes)  # its own mode, not the other's
                 worker.open()
             assert answers[0].status_code == 200
             assert answers[0].json()["result"]["structuredContent"]["text"] == "held"
 
 
-async def test_a_quiet_call_whose_client_leaves_is_cancelled_with_its_backend_call() -> None:
+async def test_a_quiet_call_whose_client_leaves_is_cancelled_with_its_backend_call(modes: list[bool]) -> None:
     worker, orchestrator = gated_orchestrator()
     with anyio.fail_after(TIMEOUT_S):
         async with served(orchestrator) as url:
             async with httpx2.AsyncClient(timeout=TIMEOUT_S) as http, anyio.create_task_group() as tg:
 
-                async def abandoned() -> None:  # JSON only: the SDK's streaming path would refuse it
-                    await http.post(url, json=call(3, "abandoned"), headers=headers(JSON_ONLY))
+                async def abandoned() -> None:
+                    await http.post(url, json=call(3, "abandoned"), headers=headers(BOTH))
 
                 tg.start_soon(abandoned)
                 await wait_for(lambda: worker.calls == 1)
+                assert modes and all(modes)  # the quiet path: no SDK watcher to cancel it
                 tg.cancel_scope.cancel()  # the client gives up: its connection closes
             await wait_for(lambda: orchestrator.status().totals.cancelled == 1)
             assert worker.cancelled == 1 and worker.finished == 0
@@ -156,16 +181,17 @@ async def test_a_request_pipelined_after_a_quiet_call_does_not_inherit_its_json_
     the quiet call's mode must be gone by then."""
     async with served(echo_orchestrator()) as url:
         port = int(url.split(":")[2].split("/")[0])
-        both = raw_post(url, call(1, "quiet"), BOTH) + raw_post(url, call(2, "loud", "p"), JSON_ONLY)
+        both = raw_post(url, call(1, "quiet"), BOTH) + raw_post(url, call(2, "loud", "p"), BOTH)
         async with await anyio.connect_tcp("127.0.0.1", port) as stream:
             await stream.send(both)
             received = b""
             with anyio.fail_after(TIMEOUT_S):
-                while received.count(b"HTTP/1.1 ") < 2:
+                while received.count(b"HTTP/1.1 ") < 2 or b'"id":2,"result"' not in received:
                     received += await stream.receive()
     first, second = received.split(b"HTTP/1.1 ")[1:3]
-    assert first.startswith(b"200 ")
-    assert second.startswith(b"406 ")  # the loud call took the streaming path, as it would alone
+    assert first.startswith(b"200 ") and b"content-type: application/json" in first
+    # The loud call streams its progress, as it would alone (in JSON mode it would be dropped).
+    assert second.startswith(b"200 ") and b"content-type: text/event-stream" in second
 
 
 @pytest.mark.usefixtures("short_keepalive")
@@ -193,36 +219,54 @@ async def test_a_long_quiet_call_is_kept_alive_as_sse_and_answered_in_the_stream
     assert orchestrator.pipeline.reconciles()
 
 
-@pytest.mark.usefixtures("short_keepalive")
-async def test_a_long_call_from_a_client_that_takes_only_json_gets_no_keep_alive() -> None:
-    """Switching to SSE would send what the client said it does not accept: it waits for JSON."""
-    worker, orchestrator = gated_orchestrator()
-    with anyio.fail_after(TIMEOUT_S):
-        async with (
-            served(orchestrator) as url,
-            httpx2.AsyncClient(timeout=TIMEOUT_S) as http,
-            anyio.create_task_group() as tg,
-        ):
-            answers: list[httpx2.Response] = []
+class Recorded:
+    """A `send` that keeps what it was given."""
 
-            async def slow_call() -> None:
-                answers.append(await http.post(url, json=call(5, "patient"), headers=headers(JSON_ONLY)))
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
 
-            tg.start_soon(slow_call)
-            await wait_for(lambda: worker.calls == 1)
-            await anyio.sleep(0.3)  # six keep-alive intervals
-            worker.open()
-    assert answers[0].status_code == 200 and answers[0].headers["content-type"] == "application/json"
-    assert answers[0].json()["result"]["structuredContent"]["text"] == "patient"
+    async def __call__(self, message: Any) -> None:
+        self.messages.append(dict(message))
 
 
-async def test_a_body_over_the_read_ahead_limit_takes_the_streaming_path() -> None:
+async def test_no_keep_alive_comment_follows_the_answer() -> None:
+    sent = Recorded()
+    response = KeptAlive(sent, 0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(response.keep_alive)
+        await wait_for(lambda: len(sent.messages) >= 3)  # the stream's head and two comments
+        await response.send({"type": "http.response.start", "status": 200, "headers": []})
+        await response.send({"type": "http.response.body", "body": b'{"id":1}', "more_body": False})
+        answered = len(sent.messages)
+        await anyio.sleep(0.1)  # ten intervals
+        tg.cancel_scope.cancel()
+    assert sent.messages[0]["headers"][0] == (b"content-type", b"text/event-stream")
+    assert len(sent.messages) == answered
+    assert sent.messages[-1] == {
+        "type": "http.response.body",
+        "body": b'event: message\r\ndata: {"id":1}\r\n\r\n',
+        "more_body": False,
+    }
+
+
+async def test_a_server_error_after_the_switch_ends_the_stream_without_an_event() -> None:
+    sent = Recorded()
+    response = KeptAlive(sent, 10.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(response.keep_alive)
+        await wait_for(lambda: len(sent.messages) == 2)  # the stream's head and a comment
+        await response.send({"type": "http.response.start", "status": 500, "headers": []})
+        await response.send({"type": "http.response.body", "body": b"Internal Server Error", "more_body": False})
+        tg.cancel_scope.cancel()
+    assert sent.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+async def test_a_body_over_the_read_ahead_limit_takes_the_streaming_path(modes: list[bool]) -> None:
     """After such a body uvicorn stops reading until asked: nothing would see the client leave."""
     async with served(echo_orchestrator()) as url, httpx2.AsyncClient(timeout=TIMEOUT_S) as http:
         large = call(6, "many words " * 7_000)  # 77 kB
-        refused = await http.post(url, json=large, headers=headers(JSON_ONLY))
         answered = await http.post(url, json=large, headers=headers(BOTH))
-    assert refused.status_code == 406
+    assert modes and not any(modes)
     assert answered.status_code == 200 and answered.json()["id"] == 6
 
 

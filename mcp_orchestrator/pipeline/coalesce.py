@@ -128,18 +128,18 @@ class Trips:
         """The trip's answer is every waiter's; it is cached for identical requests to come."""
         answer = trip.answer()
         lead, trip.lead = trip.lead, None  # told after the waiters: other processes' news is off their path
-        waiters = self._close(trip)
-        if trip.key is not None and trip.cacheable:
-            self._cache.put(trip.key, CachedAnswer.pack(answer))
-        now = self._time()
-        end = self._ledger.end
         try:
+            waiters = self._close(trip)
+            if trip.key is not None and trip.cacheable:
+                self._cache.put(trip.key, CachedAnswer.pack(answer))
+            now = self._time()
+            end = self._ledger.end
             for request in waiters:
                 if not request.coalesced:
                     request.stage_ms, request.attempts = trip.stage_ms, trip.attempts
                 end(request, Outcome.completed, now, answer=answer)
         finally:
-            if lead is not None:
+            if lead is not None:  # whatever happened here, the other processes are told
                 lead.finish(answer, trip.cacheable)
 
     def fail(self, trip: Trip, error: RequestError, reason: DeadLetterReason) -> None:

@@ -16,11 +16,15 @@ server (progress is the only one its tools send), so for those:
   cut a long call; the answer then comes as the stream's one `message` event. Only such a
   call starts a task.
 
-The SDK reads its `json_response` setting per request (`handle_modern_request`); it is
-given a truth value that is true only inside a request this middleware marked (a
-ContextVar, so concurrent requests never see each other's). Everything else (legacy
-sessions, calls that asked for progress, a server without ClientGone) takes the SDK's
-streaming path unchanged.
+What a client sees is what the SDK's streaming mode would send it, apart from how long it
+takes; in particular the SDK's own checks still answer first (a client that does not accept
+`text/event-stream` gets its 406, as before). The SDK reads its `json_response` setting per
+request (`handle_modern_request`); it is given a truth value that is true only inside a
+request this middleware marked (a ContextVar, so concurrent requests never see each other's,
+dropped at the call's first send). The SDK's own path, unchanged, serves everything else:
+2025 (session) requests, calls with a progress token, notifications, `subscriptions/listen`,
+a client that does not accept SSE, a body over the protocol's read-ahead limit, and every
+request under a server without ClientGone.
 """
 
 from __future__ import annotations
@@ -98,27 +102,27 @@ class QuietCalls:
         replay = replaying(read, receive)
         # A body over uvicorn's read-ahead limit leaves reading paused until someone calls
         # receive() again, and then the client's leaving would go unseen: the SDK's path then.
-        if body is None or len(body) > READ_AHEAD_LIMIT or not is_quiet(body):
+        # A client that does not accept SSE gets the SDK's 406 there, as it always did.
+        quiet = body is not None and len(body) <= READ_AHEAD_LIMIT and is_quiet(body)
+        if not quiet or not check_accept_headers(Request(scope))[1]:
             await self.app(scope, replay, send)
             return
         await self._answer(scope, replay, send, gone)
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, gone: ClientGone) -> None:
-        token = _ANSWER_AS_JSON.set(True)
         response = KeptAlive(send, self.keepalive_s)
-        takes_sse = check_accept_headers(Request(scope))[1]  # else no keep-alive: it would switch to SSE
+        loop = asyncio.get_running_loop()
+        token = _ANSWER_AS_JSON.set(True)
         try:
             async with anyio.create_task_group() as tg:
                 leave = tg.cancel_scope.cancel
                 gone.add(leave)
                 # A timer, not a task: only a call that outlasts it starts one.
-                loop = asyncio.get_running_loop()
-                timer = loop.call_later(self.keepalive_s, tg.start_soon, response.keep_alive) if takes_sse else None
+                timer = loop.call_later(self.keepalive_s, tg.start_soon, response.keep_alive)
                 try:
                     await self.app(scope, receive, response.send)
                 finally:
-                    if timer is not None:
-                        timer.cancel()
+                    timer.cancel()
                     gone.discard(leave)
                     tg.cancel_scope.cancel()  # a keep-alive started meanwhile ends with the call
         finally:
@@ -173,7 +177,8 @@ class KeptAlive:
         if message.get("more_body", False):
             return
         self.finished = True
-        # A server error (500) carries no JSON-RPC answer: the stream just ends, as the SDK's does.
+        # A server error (500) carries no JSON-RPC answer: the stream ends without one (the SDK's
+        # client then reports a stream that ended without a response, as for a cut stream).
         data = self._answer.decode("utf-8", "replace")
         event = f"event: message\r\ndata: {data}\r\n\r\n".encode() if self._status < 500 else b""
         await self._send({"type": "http.response.body", "body": event, "more_body": False})
