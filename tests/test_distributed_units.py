@@ -13,7 +13,7 @@ import pytest
 
 from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.config import Config, DeduplicationSection, DistributedSection, config_from_mapping
-from mcp_orchestrator.distributed.flights import Outcome
+from mcp_orchestrator.distributed.ends import Ending, Outcome
 from mcp_orchestrator.distributed.link import where
 from mcp_orchestrator.distributed.shared import SharedState
 from mcp_orchestrator.errors import ConfigError
@@ -22,6 +22,7 @@ from testbeds.processes import free_port
 from testbeds.redis import RedisServer, redis_server
 from tests.conftest import wait_for
 from tests.support_admission import GatedWorker
+from tests.support_distributed import WAIT_LIMIT_S
 
 pytestmark = pytest.mark.anyio
 
@@ -117,42 +118,44 @@ async def test_the_shared_cache_keeps_its_bounds(redis: RedisServer) -> None:
             args = state.cache.put_args(f"k{n}", f"answer {n}")
             assert args is not None
             names, values = args
-            await state.flights.end(f"k{n}", _ok(), (names, values))
+            await state.flights.ends.send(f"k{n}", _ok(), (names, values))
         kept = [await state.flights.join(f"k{n}", look=True, share=False) for n in range(5)]
     assert [joined.verdict for joined in kept] == ["alone", "alone", "hit", "hit", "hit"]
     assert state.cache.put_args("big", "x" * (dedup.max_bytes + 1)) is None
 
 
 async def test_a_flight_publishes_its_outcome_only_when_another_process_follows(redis: RedisServer) -> None:
-    """Distinct prompts (nobody follows) cost no process a message; a follower that joined
-    before the leader ended is told, once, and the mark goes with the flight."""
+    """Distinct prompts (nobody follows) cost no process a message; the first follower's join
+    tells the leader (a notice); a follower that joined before the leader ended is told, once,
+    and the mark goes with the flight."""
     leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="told"), _dedup(), 100) for _ in range(2))
     async with leader.running(), follower.running():
         await _subscribed(leader, follower)
         listener = leader.link.client.pubsub(ignore_subscribe_messages=True)
         await listener.subscribe(leader.keys.events)
 
-        async def published() -> list[str]:
+        async def published() -> list[tuple[str, str]]:
             messages = []
             with anyio.move_on_after(0.3):
                 while True:
                     message = await listener.get_message(ignore_subscribe_messages=True, timeout=0.3)
                     if message is not None:
-                        messages.append(json.loads(message["data"])["k"])
+                        data = json.loads(message["data"])
+                        messages.append((data["t"], data["k"]))
 
             return messages
 
         assert (await leader.flights.join("alone", look=True, share=True)).verdict == "lead"
-        await leader.flights.end("alone", _ok(), None)
+        await leader.flights.ends.send("alone", _ok(), None)
         assert await published() == []
 
         assert (await leader.flights.join("watched", look=True, share=True)).verdict == "lead"
         with follower.flights.watch("watched") as watch:
             assert (await follower.flights.join("watched", look=True, share=True)).verdict == "follow"
-            await leader.flights.end("watched", _ok(), None)
+            await leader.flights.ends.send("watched", _ok(), None)
             outcome = await watch.wait(5.0)
         assert outcome == _ok()
-        assert await published() == ["watched"]
+        assert await published() == [("followed", "watched"), ("flight", "watched")]
         assert not await leader.link.client.exists(leader.keys.followed("watched"), leader.keys.lock("watched"))
         await listener.aclose()  # type: ignore[no-untyped-call]
 
@@ -169,9 +172,121 @@ async def test_a_follower_is_told_even_when_the_leader_holds_a_longer_lock(redis
             joined = await follower.flights.join("long", look=True, share=True)
             assert joined.verdict == "follow" and joined.lock_ms > 4000
             await anyio.sleep(0.6)  # past twice the follower's own expiry
-            await leader.flights.end("long", _ok(), None)
+            await leader.flights.ends.send("long", _ok(), None)
             outcome = await watch.wait(2.0)
     assert outcome == _ok()
+
+
+LONG_DELAY_S = 600.0
+"""An end delay no test outlives: an end that goes out did so because it had to, not by time."""
+
+
+async def test_an_end_nobody_follows_waits_and_goes_out_with_others_in_one_write(redis: RedisServer) -> None:
+    state = SharedState(redis.url, DistributedSection(key_prefix="later"), _dedup(), 100)
+    ends = state.flights.ends
+    ends.delay_s = LONG_DELAY_S
+    async with state.running():
+        for n in range(3):
+            assert (await state.flights.join(f"k{n}", look=True, share=True)).verdict == "lead"
+            ends.end(f"k{n}", _cached(state, f"k{n}", f"answer {n}"))
+        await anyio.sleep(0.2)  # the background task had its chance: it waits for the delay
+        assert await state.link.client.exists(*(state.keys.lock(f"k{n}") for n in range(3))) == 3
+        await ends.flush()
+        assert (ends.sent, ends.writes) == (3, 1)
+        assert not await state.link.client.exists(*(state.keys.lock(f"k{n}") for n in range(3)))
+        assert [(await state.flights.join(f"k{n}", look=True, share=False)).answer for n in range(3)] == [
+            "answer 0",
+            "answer 1",
+            "answer 2",
+        ]
+
+
+async def test_a_follower_makes_a_queued_end_go_out_at_once(redis: RedisServer) -> None:
+    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="hurry"), _dedup(), 100) for _ in range(2))
+    leader.flights.ends.delay_s = LONG_DELAY_S
+    async with leader.running(), follower.running():
+        await _subscribed(leader, follower)
+        assert (await leader.flights.join("over", look=True, share=True)).verdict == "lead"
+        leader.flights.ends.end("over", lambda: (_ok(), None))  # over, its end queued
+        with follower.flights.watch("over") as watch:
+            assert (await follower.flights.join("over", look=True, share=True)).verdict == "follow"
+            with anyio.fail_after(WAIT_LIMIT_S):
+                outcome = await watch.wait(WAIT_LIMIT_S)
+    assert outcome == _ok()
+
+
+async def test_a_flight_followed_while_it_runs_ends_at_once(redis: RedisServer) -> None:
+    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="early"), _dedup(), 100) for _ in range(2))
+    leader.flights.ends.delay_s = LONG_DELAY_S
+    async with leader.running(), follower.running():
+        await _subscribed(leader, follower)
+        assert (await leader.flights.join("running", look=True, share=True)).verdict == "lead"
+        with follower.flights.watch("running") as watch:
+            assert (await follower.flights.join("running", look=True, share=True)).verdict == "follow"
+            await wait_for(lambda: leader.flights.ends.followed("running"))  # the notice arrived
+            leader.flights.ends.end("running", lambda: (_ok(), None))
+            with anyio.fail_after(WAIT_LIMIT_S):
+                outcome = await watch.wait(WAIT_LIMIT_S)
+    assert outcome == _ok()
+    assert leader.flights.ends.sent == 1
+
+
+async def test_queued_ends_go_out_at_shutdown(redis: RedisServer) -> None:
+    state = SharedState(redis.url, DistributedSection(key_prefix="last"), _dedup(), 100)
+    state.flights.ends.delay_s = LONG_DELAY_S
+    async with state.running():
+        assert (await state.flights.join("last", look=True, share=True)).verdict == "lead"
+        state.flights.ends.end("last", _cached(state, "last", "the answer"))
+    async with state.running():
+        assert (await state.flights.join("last", look=True, share=False)).answer == "the answer"
+
+
+async def test_a_process_joining_its_own_ended_flight_sends_the_end_first(redis: RedisServer) -> None:
+    """It does not follow a flight that is already over (nobody would end it but itself)."""
+    state = SharedState(redis.url, DistributedSection(key_prefix="again"), _dedup(), 100)
+    state.flights.ends.delay_s = LONG_DELAY_S
+    async with state.running():
+        assert (await state.flights.join("again", look=True, share=True)).verdict == "lead"
+        state.flights.ends.end("again", _cached(state, "again", "first answer"))
+        assert (await state.flights.join("again", look=True, share=True)).answer == "first answer"
+        assert (await state.flights.join("again", look=False, share=True)).verdict == "lead"  # the lock went
+
+
+async def test_an_end_that_cannot_be_built_releases_the_flight(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="bug"), _dedup(), 100) for _ in range(2))
+    async with leader.running(), follower.running():
+        await _subscribed(leader, follower)
+        assert (await leader.flights.join("bug", look=True, share=True)).verdict == "lead"
+        with follower.flights.watch("bug") as watch:
+            assert (await follower.flights.join("bug", look=True, share=True)).verdict == "follow"
+
+            def broken() -> tuple[Outcome, None]:
+                raise ValueError("cannot encode")
+
+            leader.flights.ends.end("bug", broken)
+            with anyio.fail_after(WAIT_LIMIT_S):
+                outcome = await watch.wait(WAIT_LIMIT_S)
+    assert outcome == Outcome("released")
+    assert "could not share the outcome of flight bug" in caplog.text
+
+
+async def test_ends_sent_together_after_redis_forgot_the_script_all_run(redis: RedisServer) -> None:
+    state = SharedState(redis.url, DistributedSection(key_prefix="forgot"), _dedup(), 100)
+    state.flights.ends.delay_s = LONG_DELAY_S
+    async with state.running():
+        for n in range(3):
+            assert (await state.flights.join(f"f{n}", look=True, share=True)).verdict == "lead"
+            state.flights.ends.end(f"f{n}", _cached(state, f"f{n}", f"answer {n}"))
+        await state.link.client.script_flush()
+        await state.flights.ends.flush()
+        assert [(await state.flights.join(f"f{n}", look=True, share=False)).answer for n in range(3)] == [
+            "answer 0",
+            "answer 1",
+            "answer 2",
+        ]
+        assert state.link.failures == 0
 
 
 async def test_a_script_is_sent_once_on_a_new_connection_after_redis_restarts(redis: RedisServer) -> None:
@@ -265,6 +380,12 @@ async def _subscribed(*states: SharedState) -> None:
 
 def _ok() -> Outcome:
     return Outcome("ok", answer="{}")
+
+
+def _cached(state: SharedState, key: str, answer: str) -> Ending:
+    """An end that stores `answer` in the shared cache."""
+    put = state.cache.put_args(key, answer)
+    return lambda: (Outcome("ok", answer=answer), put)
 
 
 def _dedup() -> DeduplicationSection:

@@ -4,13 +4,15 @@
 
 `join` is one Lua script, so "is there an answer, else take the lock, else who holds it" is
 atomic. The leader's lock (`SET NX PX lock_ttl`) is renewed every third of its expiry while
-its call runs; when the call ends, one script drops the lock and, if some process follows
-the flight, publishes the outcome (the answer itself, a failure, or "released": nobody
-waits for it here any more) on the events channel. A follower's join marks the flight
-followed in the same script that tells it to follow, and the leader's end reads and drops
-that mark in the script that drops the lock: so a flight nobody follows (the common case:
-distinct prompts) publishes nothing and costs no process any message to read, and a
-follower that joined before the end is always told. Followers wait for that message
+its call runs; when the call ends, one script (ends.py, which also says when it is sent)
+drops the lock and, if some process follows the flight, publishes the outcome (the answer
+itself, a failure, or "released": nobody waits for it here any more) on the events
+channel. A follower's join marks the flight followed in the same script that tells it to
+follow (the first follower's join also publishes a `followed` notice, so the leader ends
+the flight at once), and the leader's end reads and drops that mark in the script that
+drops the lock: so a flight nobody follows (the common case: distinct prompts) publishes
+nothing and costs no process any message to read, and a follower that joined before the
+end is always told. Followers wait for that message
 without polling: each process has one subscription (events.py) that hands it to the local
 watcher of that key. A follower registers before it joins, so a message published after
 its join cannot be missed; if the message never comes (the leader died, or the
@@ -20,7 +22,6 @@ the lock is gone and one follower takes it over. Nobody waits past its own deadl
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import anyio
 from redis.asyncio import Redis
 
-from mcp_orchestrator.distributed.cache import PUT_FUNCTION
+from mcp_orchestrator.distributed.ends import FlightEnds, Outcome
 from mcp_orchestrator.distributed.keys import Keys
 from mcp_orchestrator.distributed.link import Link, RedisUnavailable
 
@@ -44,34 +45,22 @@ end
 if ARGV[4] == '0' then return {'alone', ''} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'lead', ''} end
 local left = redis.call('PTTL', KEYS[2])
+local first = redis.call('EXISTS', KEYS[3]) == 0
 redis.call('SET', KEYS[3], '1', 'PX', math.max(left, 0) + 2 * tonumber(ARGV[2]))
+if first then redis.call('PUBLISH', ARGV[5], cjson.encode({t = 'followed', k = ARGV[6]})) end
 return {'follow', tostring(left)}
 """
 """KEYS: answer, lock, followed. ARGV: owner, lock ttl ms, look in the cache (1/0), may lead or
-follow (1/0). A follower joins again when the leader's lock would expire (its `left`), so a mark
-that lasts longer than that (by twice this process's expiry) stays while a follower waits, even
-when the leader's lock_ttl_ms is another one (a rolling change of it), and outlives none by long."""
+follow (1/0), events channel, the flight's key. A follower joins again when the leader's lock
+would expire (its `left`), so a mark that lasts longer than that (by twice this process's expiry)
+stays while a follower waits, even when the leader's lock_ttl_ms is another one (a rolling change
+of it), and outlives none by long. The first follower's join tells the leader (ends.py)."""
 
 RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 """KEYS: lock. ARGV: owner, ttl ms. Extends the lock only while we still hold it."""
-
-END = (
-    PUT_FUNCTION
-    + """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-if #KEYS > 2 then
-  cache_put(KEYS[3], KEYS[4], KEYS[5], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]),
-            tonumber(ARGV[8]))
-end
-if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
-return 1
-"""
-)
-"""KEYS: lock, followed [, answer, index, sizes]. ARGV: owner, channel, message [, cache_put's
-arguments]. Drops our lock, stores the answer when asked, then tells the waiting processes, if any."""
 
 Verdict = Literal["hit", "lead", "follow", "alone"]
 
@@ -83,15 +72,6 @@ class Joined:
     """The cached answer's payload (verdict "hit")."""
     lock_ms: int = 0
     """Milliseconds left on the leader's lock (verdict "follow")."""
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a leader published: `status` ok (with `answer`), failed (with `error`) or released."""
-
-    status: Literal["ok", "failed", "released"]
-    answer: str = ""
-    error: str = ""
 
 
 @dataclass(eq=False)
@@ -125,22 +105,29 @@ class Flights:
         # EVALSHA for the per-request scripts: the script's text is not resent each time.
         self._join = link.client.register_script(JOIN)
         self._renew = link.client.register_script(RENEW)
-        self._end = link.client.register_script(END)
         self.led = 0
         """Flights this process led (it called the backend for every process)."""
         self.followed = 0
         """Trips of this process that waited on another process's flight (counted by the pipeline)."""
         self.taken_over = 0
         """Flights this process led after the previous leader's lock expired."""
+        self.ends = FlightEnds(link, keys, owner)
+        """When the flights this process leads end in Redis (ends.py)."""
 
     async def join(self, key: str, *, look: bool, share: bool) -> Joined:
         """Cached answer, lock, or the lock's holder (see the module docstring). RedisUnavailable."""
         keys = self._keys
-        args = (self.owner, self.lock_ttl_ms, "1" if look else "0", "1" if share else "0")
-
+        args = (self.owner, self.lock_ttl_ms, "1" if look else "0", "1" if share else "0", keys.events, key)
         names = (keys.answer(key), keys.lock(key), keys.followed(key))
-        verdict, detail = await self._link.script(self._join, names, args)
-        verdict = _text(verdict)
+        if share:  # it may lead: our own end of the key goes first, and a notice may come before the reply
+            await self.ends.joining(key)
+        verdict = ""
+        try:
+            reply, detail = await self._link.script(self._join, names, args)
+            verdict = _text(reply)
+        finally:
+            if share:
+                self.ends.joined(key, leads=verdict == "lead")
         if verdict == "hit":
             return Joined("hit", answer=_text(detail))
         if verdict == "follow":
@@ -190,19 +177,6 @@ class Flights:
             return bool(await self._link.call(run))
         except RedisUnavailable:
             return False
-
-    async def end(self, key: str, outcome: Outcome, cache: tuple[list[str], list[str | int]] | None) -> None:
-        """Drop our lock, store the answer in the shared cache when `cache` says how
-        (SharedCache.put_args), and publish `outcome` when another process follows the flight.
-        RedisUnavailable."""
-        message = json.dumps({"t": "flight", "k": key, "s": outcome.status, "a": outcome.answer, "e": outcome.error})
-        names: list[str] = [self._keys.lock(key), self._keys.followed(key)]
-        args: list[str | int] = [self.owner, self._keys.events, message]
-        if cache is not None:
-            names += cache[0]
-            args += cache[1]
-
-        await self._link.script(self._end, names, args)
 
 
 def _text(value: Any) -> str:

@@ -23,8 +23,11 @@ import anyio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
+from redis.typing import EncodableT
 
 Argument = str | int
+Call = tuple[Sequence[str], Sequence[Argument]]
+"""One run of a script: its keys and its arguments."""
 
 
 class Lane:
@@ -52,6 +55,19 @@ class Lane:
                 raise
             await self._give_back(connection)
             return reply
+
+    async def evalsha_many(self, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+        """Run `script` once per call, all sent in one write; each call's reply, or the
+        ResponseError Redis answered it with (the others still ran). Never sent twice, as above."""
+        async with self._slots:
+            connection = await self._take()
+            try:
+                replies = await _run_many(connection, script, calls)
+            except BaseException:
+                await _close(connection)
+                raise
+            await self._give_back(connection)
+            return replies
 
     async def _take(self) -> AbstractConnection:
         """An idle connection still in step, else a new one. An idle connection that saw Redis
@@ -105,6 +121,30 @@ async def _run(
     except NoScriptError:  # Redis restarted empty: EVAL sends the text and caches it again
         await connection.send_command("EVAL", script.script, len(keys), *keys, *args)
         return await connection.read_response()
+
+
+async def _run_many(connection: AbstractConnection, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
+    replies = await _pipelined(connection, [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls])
+    unknown = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if unknown:  # Redis restarted empty: those did not run; EVAL sends the text and caches it again
+        again = [calls[index] for index in unknown]
+        texts = await _pipelined(connection, [("EVAL", script.script, len(keys), *keys, *args) for keys, args in again])
+        for index, reply in zip(unknown, texts, strict=True):
+            replies[index] = reply
+    return replies
+
+
+async def _pipelined(connection: AbstractConnection, commands: list[tuple[EncodableT, ...]]) -> list[Any]:
+    """Send `commands` in one write and read one reply for each (an error reply is a value here:
+    it was read whole, so the connection stays in step)."""
+    await connection.send_packed_command(connection.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
 
 
 async def _close(connection: AbstractConnection) -> None:

@@ -61,6 +61,7 @@ class SharedState:
         self.jobs = SharedJobs(self.link, self.keys, self.node)
         self.events.handle("job-cancel", self.jobs.delivered)
         self.events.handle("flight", self.flights.delivered)
+        self.events.handle("followed", self.flights.ends.noticed)
         self.events.handle("breaker", self.breakers.delivered)
         self.events.handle("letters", lambda message: self.soon(self._catch_up_letters))
         self.events.on_connected = self._connected
@@ -78,12 +79,15 @@ class SharedState:
                 await self.link.warm()
                 tg.start_soon(self.link.run, name="redis:probe")
                 tg.start_soon(self.events.run, name="redis:events")
+                tg.start_soon(self.flights.ends.run, name="redis:flight-ends")
                 try:
                     yield self
                 finally:
                     self._task_group = None
-                    # Letters written during the last moments (shutdown) still reach the stream.
+                    # Flights ended and letters written during the last moments (shutdown)
+                    # still reach Redis.
                     with anyio.move_on_after(self.link.timeout_s * 5, shield=True):
+                        await self.flights.ends.flush()
                         await self._flush_letters()
                     tg.cancel_scope.cancel()
         finally:

@@ -28,7 +28,8 @@ import anyio
 from mcp_orchestrator.config import Config
 from mcp_orchestrator.distributed import RedisUnavailable, SharedState
 from mcp_orchestrator.distributed.dead_letters import Letter
-from mcp_orchestrator.distributed.flights import Joined, Outcome, Watch
+from mcp_orchestrator.distributed.ends import CachePut, Ending, Outcome
+from mcp_orchestrator.distributed.flights import Joined, Watch
 from mcp_orchestrator.errors import RateLimited, ReplayRefused, WorkerFailed
 from mcp_orchestrator.models import DeadLetter, DeadLetterReason, GenerationParams, Message, Submission
 from mcp_orchestrator.pipeline.answers import Answer, CachedAnswer
@@ -101,31 +102,25 @@ class FlightLead:
     key: str
 
     def finish(self, answer: Answer, cacheable: bool) -> None:
-        self.sharing.leads.discard(self)
-        self.sharing.shared.soon(partial(self._finished, answer, cacheable))
+        cache = self.sharing.shared.cache
 
-    async def _finished(self, answer: Answer, cacheable: bool) -> None:
-        # Encoded here, in the background task: the caller's answer does not wait for it.
-        flights = self.sharing.shared.flights
-        try:
+        def ending() -> tuple[Outcome, CachePut | None]:
+            # Encoded when the end is sent (distributed/ends.py), not on the caller's path.
             payload = encode(answer)
-            cache = self.sharing.shared.cache.put_args(self.key, payload) if cacheable else None
-        except Exception:  # a bug must not stop the background tasks; followers take the flight over
-            log.exception("could not share the answer of flight %s; releasing it", self.key)
-            await flights.end(self.key, Outcome("released"), None)
-            return
-        await flights.end(self.key, Outcome("ok", answer=payload), cache)
+            return Outcome("ok", answer=payload), cache.put_args(self.key, payload) if cacheable else None
+
+        self._end(ending)
 
     def fail(self, error: str) -> None:
-        self._end(Outcome("failed", error=error))
+        outcome = Outcome("failed", error=error)
+        self._end(lambda: (outcome, None))
 
     def release(self) -> None:
-        self._end(Outcome("released"))
+        self._end(lambda: (Outcome("released"), None))
 
-    def _end(self, outcome: Outcome) -> None:
+    def _end(self, ending: Ending) -> None:
         self.sharing.leads.discard(self)
-        flights = self.sharing.shared.flights
-        self.sharing.shared.soon(partial(flights.end, self.key, outcome, None))
+        self.sharing.shared.flights.ends.end(self.key, ending)
 
 
 # ---------------------------------------------------------------------------- the pipeline's side
