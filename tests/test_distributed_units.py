@@ -14,6 +14,7 @@ import pytest
 from mcp_orchestrator import Orchestrator
 from mcp_orchestrator.config import Config, DeduplicationSection, DistributedSection, config_from_mapping
 from mcp_orchestrator.distributed.ends import Ending, Outcome
+from mcp_orchestrator.distributed.lane import Call
 from mcp_orchestrator.distributed.link import where
 from mcp_orchestrator.distributed.shared import SharedState
 from mcp_orchestrator.errors import ConfigError
@@ -256,6 +257,7 @@ async def test_an_end_that_cannot_be_built_releases_the_flight(
     redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="bug"), _dedup(), 100) for _ in range(2))
+    leader.flights.ends.delay_s = LONG_DELAY_S
     async with leader.running(), follower.running():
         await _subscribed(leader, follower)
         assert (await leader.flights.join("bug", look=True, share=True)).verdict == "lead"
@@ -270,6 +272,48 @@ async def test_an_end_that_cannot_be_built_releases_the_flight(
                 outcome = await watch.wait(WAIT_LIMIT_S)
     assert outcome == Outcome("released")
     assert "could not share the outcome of flight bug" in caplog.text
+
+
+async def test_a_notice_that_comes_before_the_join_reply_still_counts(redis: RedisServer) -> None:
+    """The notice needs our lock, so it comes after our join ran, but it may be read before
+    the join's reply: the flight is known from the moment the join is sent."""
+    state = SharedState(redis.url, DistributedSection(key_prefix="race"), _dedup(), 100)
+    ends = state.flights.ends
+    ends.delay_s = LONG_DELAY_S
+    async with state.running():
+        await ends.joining("race")
+        ends.noticed({"t": "followed", "k": "race"})  # read before the reply
+        ends.joined("race", leads=True)
+        ends.end("race", lambda: (_ok(), None))
+        await wait_for(lambda: ends.sent == 1)
+        ends.noticed({"t": "followed", "k": "nobody's"})  # not a flight of ours: nothing kept
+        assert not ends.followed("race") and not ends.followed("nobody's")
+
+
+async def test_a_caller_leaving_while_its_join_sends_the_queued_end_loses_no_end(redis: RedisServer) -> None:
+    state = SharedState(redis.url, DistributedSection(key_prefix="leave"), _dedup(), 100)
+    state.flights.ends.delay_s = LONG_DELAY_S
+    async with state.running():
+        assert (await state.flights.join("leave", look=True, share=True)).verdict == "lead"
+        state.flights.ends.end("leave", _cached(state, "leave", "kept"))
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # the caller is gone before the join sends anything
+            await state.flights.join("leave", look=True, share=True)
+        assert not await state.link.client.exists(state.keys.lock("leave"))
+        assert (await state.flights.join("leave", look=True, share=False)).answer == "kept"
+
+
+async def test_a_refused_script_in_a_batch_leaves_the_connection_in_step(redis: RedisServer) -> None:
+    state = SharedState(redis.url, DistributedSection(key_prefix="step"), _dedup(), 100)
+    async with state.running():
+        script = state.link.client.register_script(
+            "if KEYS[1] == 'bad' then return redis.error_reply('refused here') end return KEYS[1]"
+        )
+        calls: list[Call] = [(["a"], []), (["bad"], []), (["c"], [])]
+        first = await state.link.script_many(script, calls)
+        assert [reply if isinstance(reply, bytes) else str(reply) for reply in first] == [b"a", "refused here", b"c"]
+        assert await state.link.script(script, ["d"], []) == b"d"  # the next reply is its own
+        assert state.link.failures == 0
 
 
 async def test_ends_sent_together_after_redis_forgot_the_script_all_run(redis: RedisServer) -> None:

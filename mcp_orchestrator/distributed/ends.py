@@ -3,23 +3,25 @@ batched, at most END_DELAY_S after the flight ended.
 
 A flight's end (the END script: drop the lock, store the answer in the shared cache, tell
 the followers) is urgent only when another process follows the flight. Sent the moment
-the answer was ready, it ran while the caller's next request arrived: the same process
-and Redis then competed with that request for the CPU (at c=1 Redis's added p50 was
-+0.73 ms with the end sent at once and +0.52 with it sent 8 ms later, or not at all;
-BENCHMARKS.md). So an end is queued, and one task sends what the queue holds in one
-write (pipelined EVALSHAs) END_DELAY_S after the first end was queued: under load one
-write carries several ends.
+the answer was ready, it ran while the caller's next request arrived: this process and
+Redis then competed with that request for the CPU. Measured with one call at a time, an
+end sent 8 ms later cost Redis's added p50 as little as no end at all, about 0.2 ms less
+than an end sent at once (BENCHMARKS.md, "Gateway, with flight ends queued"). So an end
+is queued, and one task sends what the queue holds in one write (pipelined EVALSHAs)
+END_DELAY_S after the first end was queued: under load one write carries several.
 
-A follower is not kept waiting by this. The join script that tells a process to follow a
+A follower does not wait for the delay. The join script that tells a process to follow a
 flight publishes a `followed` notice the first time the flight gets a follower; the
 leading process then sends that flight's end at once (or as soon as the flight ends).
-A notice can arrive before the leader's own join reply, so a flight is tracked from the
-moment its join is sent. And a process that joins a key whose own end is still queued
-sends that end first, so it never follows a flight that is already over.
+A notice is heard from the moment our own join is sent (it can only come after our lock
+was taken, but it can come before the join's reply). A process that joins a key whose own
+end is still queued sends that end first, so it does not follow its own finished flight.
 
-Until the end is sent, another process asking for the same key follows the flight (the
-lock is still held), which publishes the notice, which sends the end: it is answered
-`coalesced` instead of from the shared cache, no later than before.
+What the delay does cost: for up to END_DELAY_S the lock is still held, so another process
+asking for the same answer follows the flight (the notice then ends it at once: a round
+trip or two later than a cache hit would have answered), and a request with deduplication
+off, which only looks at the cache, misses it and calls the backend. A process killed in
+that window leaves its locks to expire, as a leader killed mid-call does.
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ class FlightEnds:
         """Ends sent (whether Redis took them or not)."""
         self.writes = 0
         """Writes that carried them."""
+        self.refused = 0
+        """Ends Redis answered with an error (the locks expire; followers take over)."""
 
     # ------------------------------------------------------------------ a flight's life
 
@@ -111,7 +115,7 @@ class FlightEnds:
         """A join that may lead `key` is about to be sent: our own queued end of it goes first."""
         flight = self._flights.get(key)
         if flight is not None and flight.ending is not None:
-            ending, flight.ending = flight.ending, None
+            ending, flight.ending, flight.followed = flight.ending, None, False
             self._queue.remove(key)
             self._tidy(key, flight)
             await self._send([(key, ending)])
@@ -174,7 +178,7 @@ class FlightEnds:
             flight = self._flights[key]
             assert flight.ending is not None
             batch.append((key, flight.ending))
-            flight.ending = None
+            flight.ending, flight.followed = None, False  # a next flight of the key starts unfollowed
             self._tidy(key, flight)
         if batch:
             await self._send(batch)
@@ -184,6 +188,8 @@ class FlightEnds:
         await self._send([(key, lambda: (outcome, cache))])
 
     async def _send(self, batch: list[tuple[str, Ending]]) -> None:
+        """Send `batch` in one write. Shielded (the link's timeout bounds it): these ends are off
+        the queue, so a caller leaving, or shutdown cancelling the task, must not lose them."""
         calls: list[Call] = []
         for key, ending in batch:
             try:
@@ -195,12 +201,14 @@ class FlightEnds:
         self.sent += len(calls)
         self.writes += 1
         try:
-            replies = await self._link.script_many(self._script, calls)
+            with anyio.CancelScope(shield=True):
+                replies = await self._link.script_many(self._script, calls)
         except RedisUnavailable:
             return  # logged by the link; the locks expire and followers take over
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                log.warning("Redis refused a flight's end: %s", reply)
+        refused = [reply for reply in replies if isinstance(reply, ResponseError)]
+        if refused:  # one line per write, not per end (an out-of-memory Redis refuses them all)
+            self.refused += len(refused)
+            log.warning("Redis refused %d of %d flight ends: %s", len(refused), len(replies), refused[0])
 
     def _call(self, key: str, outcome: Outcome, cache: CachePut | None) -> Call:
         message = json.dumps({"t": "flight", "k": key, "s": outcome.status, "a": outcome.answer, "e": outcome.error})

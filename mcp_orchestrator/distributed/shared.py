@@ -2,8 +2,9 @@
 
 `SharedState` owns the link (link.py), the events subscription (events.py) and the shared
 parts (flights, cache, limits, breakers, dead letters). `run()` holds its background tasks
-in one task group: the link's prober, the subscription, and the short jobs that hooks
-called from synchronous code start (a flight's end, a breaker opening, new dead letters).
+in one task group: the link's prober, the subscription, the sender of flights' ends
+(ends.py), and the short jobs that hooks called from synchronous code start (a breaker
+opening, new dead letters).
 Every job is one or two Redis commands under the link's timeout, so none outlives it.
 """
 
