@@ -203,8 +203,7 @@ async def test_an_end_nobody_follows_waits_and_goes_out_with_others_in_one_write
 
 
 async def test_a_follower_makes_a_queued_end_go_out_at_once(redis: RedisServer) -> None:
-    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="hurry"), _dedup(), 100) for _ in range(2))
-    leader.flights.ends.delay_s = LONG_DELAY_S
+    leader, follower = _waiting_leader_and_follower(redis, "hurry")
     async with leader.running(), follower.running():
         await _subscribed(leader, follower)
         assert (await leader.flights.join("over", look=True, share=True)).verdict == "lead"
@@ -217,8 +216,7 @@ async def test_a_follower_makes_a_queued_end_go_out_at_once(redis: RedisServer) 
 
 
 async def test_a_flight_followed_while_it_runs_ends_at_once(redis: RedisServer) -> None:
-    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="early"), _dedup(), 100) for _ in range(2))
-    leader.flights.ends.delay_s = LONG_DELAY_S
+    leader, follower = _waiting_leader_and_follower(redis, "early")
     async with leader.running(), follower.running():
         await _subscribed(leader, follower)
         assert (await leader.flights.join("running", look=True, share=True)).verdict == "lead"
@@ -256,8 +254,7 @@ async def test_a_process_joining_its_own_ended_flight_sends_the_end_first(redis:
 async def test_an_end_that_cannot_be_built_releases_the_flight(
     redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="bug"), _dedup(), 100) for _ in range(2))
-    leader.flights.ends.delay_s = LONG_DELAY_S
+    leader, follower = _waiting_leader_and_follower(redis, "bug")
     async with leader.running(), follower.running():
         await _subscribed(leader, follower)
         assert (await leader.flights.join("bug", look=True, share=True)).verdict == "lead"
@@ -424,6 +421,13 @@ async def _subscribed(*states: SharedState) -> None:
 
 def _ok() -> Outcome:
     return Outcome("ok", answer="{}")
+
+
+def _waiting_leader_and_follower(redis: RedisServer, prefix: str) -> tuple[SharedState, SharedState]:
+    """Two processes' states; the leader's unfollowed ends would wait LONG_DELAY_S."""
+    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix=prefix), _dedup(), 100) for _ in range(2))
+    leader.flights.ends.delay_s = LONG_DELAY_S
+    return leader, follower
 
 
 def _cached(state: SharedState, key: str, answer: str) -> Ending:
