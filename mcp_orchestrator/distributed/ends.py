@@ -98,8 +98,6 @@ class FlightEnds:
         """How long an end nobody follows waits (tests lengthen it)."""
         self._script = link.client.register_script(END)
         self._flights: dict[str, _Flight] = {}
-        self._queue: list[str] = []
-        """Keys whose end is queued, in the order they ended."""
         self._queued = anyio.Event()
         self._urgent = anyio.Event()
         self.sent = 0
@@ -116,7 +114,6 @@ class FlightEnds:
         flight = self._flights.get(key)
         if flight is not None and flight.ending is not None:
             ending, flight.ending, flight.followed = flight.ending, None, False
-            self._queue.remove(key)
             self._tidy(key, flight)
             await self._send([(key, ending)])
         self._flights.setdefault(key, _Flight()).joining += 1
@@ -133,8 +130,6 @@ class FlightEnds:
     def end(self, key: str, ending: Ending) -> None:
         """The flight we lead is over: queue its end (sent at once when it is followed)."""
         flight = self._flights.setdefault(key, _Flight())
-        if flight.ending is None:
-            self._queue.append(key)
         flight.leading, flight.ending = False, ending
         self._queued.set()
         if flight.followed:
@@ -172,11 +167,10 @@ class FlightEnds:
 
     async def flush(self) -> None:
         """Send every queued end now (the task above, and shutdown)."""
-        queue, self._queue = self._queue, []
         batch: list[tuple[str, Ending]] = []
-        for key in queue:
-            flight = self._flights[key]
-            assert flight.ending is not None
+        for key, flight in tuple(self._flights.items()):  # the queue: the flights with an end
+            if flight.ending is None:
+                continue
             batch.append((key, flight.ending))
             flight.ending, flight.followed = None, False  # a next flight of the key starts unfollowed
             self._tidy(key, flight)
