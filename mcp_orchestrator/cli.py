@@ -18,6 +18,7 @@ import anyio
 from mcp_orchestrator import __version__
 from mcp_orchestrator.config import Config, load_config, with_values
 from mcp_orchestrator.errors import BindError, ConfigError, Problem
+from mcp_orchestrator.event_loop import backend_options, running_loop
 from mcp_orchestrator.logs import configure_logging
 from mcp_orchestrator.security import redact
 from mcp_orchestrator.workers.registry import kinds
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--transport", choices=["stdio", "http"], help="stdio (default, for Claude Desktop/Code) or streamable HTTP"
+    )
+    parser.add_argument(
+        "--loop", choices=["auto", "asyncio", "uvloop"], help="event loop (default auto: uvloop when installed)"
     )
     parser.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (default 8000; 0 picks a free one, shown on stderr)")
@@ -170,6 +174,7 @@ FLAG_FOR_KEY = {
     "stages.inference.delay_ms": "--delay-ms",
     "stages.inference.concurrency": "--concurrency",
     "server.transport": "--transport",
+    "server.event_loop": "--loop",
     "server.host": "--host",
     "server.port": "--port",
     "server.allowed_hosts": "--allowed-host",
@@ -253,7 +258,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sock.close()
         return EXIT_FAILURE
     try:
-        anyio.run(serve, Orchestrator(config), reload_from, args.config, listener, metrics_listener)
+        anyio.run(
+            serve,
+            Orchestrator(config),
+            reload_from,
+            args.config,
+            listener,
+            metrics_listener,
+            backend_options=backend_options(config.server.event_loop),
+        )
     except KeyboardInterrupt:
         pass
     finally:
@@ -323,6 +336,7 @@ async def serve(
     from mcp_orchestrator.shutdown import Shutdown
 
     config: Config = orchestrator.config
+    log.debug("event loop: %s (server.event_loop %s)", running_loop(), config.server.event_loop)
     metrics = None
     metrics_done = anyio.Event()
     async with orchestrator, anyio.create_task_group() as tg:

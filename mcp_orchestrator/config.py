@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mcp_orchestrator.errors import ConfigError, Problem, validation_problems
+from mcp_orchestrator.event_loop import EventLoop, uvloop_missing
 from mcp_orchestrator.models import MaxTokens, Temperature
 from mcp_orchestrator.resilience.breaker import BreakerSettings
 from mcp_orchestrator.resilience.retry import RetryPolicy
@@ -340,6 +341,15 @@ class ServerSection(_Section):
     oauth_scope_admin: ScopeName = "orchestrator:admin"
     """HTTP with OAuth: the scope for configure_worker, replay_dead_letter and any tool not mapped
     (and what use allows)."""
+    event_loop: EventLoop = "auto"
+    """The event loop: uvloop when installed (auto), or asyncio's own (event_loop.py)."""
+
+    @field_validator("event_loop")
+    @classmethod
+    def _loop_installed(cls, value: EventLoop) -> EventLoop:
+        if value == "uvloop" and (missing := uvloop_missing()) is not None:
+            raise ValueError(missing)
+        return value
 
     @field_validator("oauth_issuer", "oauth_jwks_url", "oauth_audience")
     @classmethod

@@ -430,6 +430,8 @@ class PipelineStatus(BaseModel):
     concurrency: dict[str, int]
     uptime_s: float
     reconciles: bool
+    event_loop: Literal["uvloop", "asyncio"] | None = None
+    """The event loop the pipeline runs on ([server] event_loop, `--loop`); None before it starts."""
     breakers: list[BreakerStatus] = Field(default_factory=list)
     """One circuit breaker per backend (per replica inside a pool or fallback chain)."""
     distributed: DistributedStatus | None = None

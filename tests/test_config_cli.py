@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,23 @@ def test_bad_flag_values_are_named(capsys: pytest.CaptureFixture[str], argv: lis
     (line,) = error_lines(err)
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} missing from {line!r}"
+
+
+def test_loop_uvloop_is_refused_when_it_cannot_be_imported(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an install without uvloop looks like to import
+    code, out, err = run_main(capsys, "--loop", "uvloop", "--check-config")
+    assert (code, out) == (EXIT_USAGE, "")
+    (line,) = error_lines(err)
+    assert "--loop (server.event_loop)" in line and "uvloop cannot be imported" in line, line
+    config = write_lines(tmp_path / "loop.toml", ["[server]", 'event_loop = "uvloop"'])
+    code, out, err = run_main(capsys, "--config", str(config), "--check-config")
+    assert (code, out) == (EXIT_USAGE, "")
+    (line,) = error_lines(err)
+    assert "server.event_loop" in line and "choose asyncio" in line, line
+    code, out, _ = run_main(capsys, "--loop", "auto", "--check-config")  # auto falls back to asyncio
+    assert code == 0 and json.loads(out)["server"]["event_loop"] == "auto"
 
 
 # ---------------------------------------------------------------------------- resolution

@@ -133,6 +133,7 @@ async def test_metrics_count_completed_requests_and_show_queue_depths(server: Ht
     assert metric(text, "orchestrator_requests_total", completed_label) == after["totals"]["completed"]
     assert after["totals"]["completed"] == before["totals"]["completed"] + 3
     assert after["reconciles"] is True
+    assert after["event_loop"] == "uvloop"  # the HTTP protocol runs on uvloop's transports too
     for stage in STAGES:
         assert metric(text, "orchestrator_queue_depth", f'stage="{stage}"') == 0
         assert f'orchestrator_requests_shed_total{{stage="{stage}"}}' in text

@@ -78,6 +78,18 @@ async def test_stdio_session_lists_tools_streams_progress_and_rejects_bad_input(
     assert status["totals"]["submitted"] == 1
     assert status["totals"]["completed"] == 1
     assert status["reconciles"] is True
+    assert status["event_loop"] == "uvloop"  # a dependency on this platform, chosen by default
+
+
+async def test_loop_asyncio_serves_on_the_standard_loop() -> None:
+    params = stdio_params("--loop", "asyncio")
+    with anyio.fail_after(SESSION_TIMEOUT_S):
+        async with Client(params) as client:
+            result = await client.call_tool("infer", {"prompt": "plain asyncio"})
+            status = (await client.call_tool("pipeline_status", {})).structured_content
+    assert result.content[0].text == "plain asyncio"
+    assert status is not None
+    assert status["event_loop"] == "asyncio"
 
 
 async def totals_when(client: Client, condition: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from prometheus_client.core import Metric
 
 from mcp_orchestrator.config import Config
 from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning, RequestError
+from mcp_orchestrator.event_loop import EventLoopName, running_loop
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import (
     InferResult,
@@ -157,6 +158,8 @@ class Pipeline:
         )
         self.concurrency = config.stages.inference.concurrency
         self.started_at: float | None = None
+        self.event_loop: EventLoopName | None = None
+        """The event loop the pipeline runs on (None before it starts)."""
         self._task_group: TaskGroup | None = None
         self.sharing = self._sharing(config)
         """Sharing with other processes through Redis ([distributed] redis_url), or None."""
@@ -216,6 +219,7 @@ class Pipeline:
         self.stages.open()
         self._time = self.dispatch.loop_time = loop_clock()
         self.started_at = self._time()
+        self.event_loop = running_loop()
         try:
             async with anyio.create_task_group() as tg:
                 self._task_group = tg

@@ -67,6 +67,7 @@ def pipeline_status(pipeline: Pipeline) -> PipelineStatus:
         concurrency={"limit": pipeline.concurrency, "busy": lease.active},
         uptime_s=pipeline.uptime_s(),
         reconciles=ledger.reconciles(),
+        event_loop=pipeline.event_loop,
         breakers=Breakers.status(lease.guarded),
         distributed=pipeline.sharing.shared.status() if pipeline.sharing is not None else None,
     )

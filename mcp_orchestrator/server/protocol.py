@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from starlette.types import Scope
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
@@ -147,8 +147,8 @@ class OrchestratorH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, with heads sent with their bodies and a ClientGone per request."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        super().connection_made(HeadWithBody(transport))
+        # uvloop's TCP transport has asyncio.Transport's methods without being its subclass.
+        super().connection_made(HeadWithBody(cast("asyncio.Transport", transport)))
 
     def handle_events(self) -> None:
         before = self.cycle
