@@ -406,6 +406,12 @@ class DistributedStatus(BaseModel):
     flights_followed: int = 0
     flights_taken_over: int = 0
     """Flights led after the previous leader's lock expired (it died or hung)."""
+    flight_ends_sent: int = 0
+    """Ends of flights this process led, sent to Redis (the lock dropped, the answer cached, followers told)."""
+    flight_end_writes: int = 0
+    """Writes that carried them (ends nobody follows are queued and batched, up to 10 ms)."""
+    flight_ends_refused: int = 0
+    """Ends Redis answered with an error (their locks expire; followers take over)."""
     shared_cache_hits: int = 0
     shared_cache_stored: int = 0
     limit_reservations: int = 0
