@@ -3,20 +3,23 @@
 uvloop (libuv under asyncio's interface) wakes a task for a socket's data sooner and with
 less Python in between. That matters most where a request waits on a short round trip on
 its path: the Redis join every new request sends when `[distributed] redis_url` is set.
-Measured with one call at a time, Redis's added p50 was about 0.18 ms lower on uvloop
-(BENCHMARKS.md, "Gateway, on uvloop"). Everything the server does goes through anyio, which
-runs on either loop; `[server] event_loop = "asyncio"` (or `--loop asyncio`) keeps the
-standard loop, for a platform uvloop does not support (Windows) or to rule it out.
+With one call at a time and only the servers under test running, Redis's added p50 was about
+0.18 ms lower on uvloop (BENCHMARKS.md, "Gateway, on uvloop"). Everything the server does
+goes through anyio, which runs on either loop; `[server] event_loop = "asyncio"` (or `--loop asyncio`) keeps the
+standard loop, for a platform uvloop does not support (Windows) or to rule it out. The key is
+read by the command line (cli.py); a program that runs an Orchestrator itself picks its loop
+with anyio.run's own options.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any, Literal
 
 EventLoop = Literal["auto", "asyncio", "uvloop"]
 """What the config asks for."""
-EventLoopName = Literal["uvloop", "asyncio"]
+EventLoopName = Literal["uvloop", "asyncio", "trio"]
 """What runs."""
 
 
@@ -25,7 +28,9 @@ def uvloop_missing() -> str | None:
     try:
         import uvloop  # noqa: F401
     except ImportError as exc:
-        return f"uvloop cannot be imported ({exc}); install it (pip install uvloop) or choose asyncio"
+        if sys.platform == "win32":
+            return f"uvloop cannot be imported ({exc}): it does not run on Windows; choose asyncio or auto"
+        return f"uvloop cannot be imported ({exc}); install it (pip install uvloop) or choose asyncio or auto"
     return None
 
 
@@ -36,5 +41,9 @@ def backend_options(choice: EventLoop) -> dict[str, Any]:
 
 
 def running_loop() -> EventLoopName:
-    """The loop the calling code runs on (inside it only)."""
-    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+    """The loop the calling code runs on (inside it only; "trio" under anyio's trio backend)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # anyio's only other backend
+        return "trio"
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"

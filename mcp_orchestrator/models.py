@@ -407,7 +407,9 @@ class DistributedStatus(BaseModel):
     flights_taken_over: int = 0
     """Flights led after the previous leader's lock expired (it died or hung)."""
     flight_ends_sent: int = 0
-    """Ends of flights this process led, sent to Redis (the lock dropped, the answer cached, followers told)."""
+    """Ends of flights this process led that were sent to Redis (whether Redis took them: a write
+    lost to an outage counts here and in redis_errors; one Redis answered with an error, in
+    flight_ends_refused)."""
     flight_end_writes: int = 0
     """Writes that carried them (ends nobody follows are queued and batched, up to 10 ms)."""
     flight_ends_refused: int = 0
@@ -436,8 +438,9 @@ class PipelineStatus(BaseModel):
     concurrency: dict[str, int]
     uptime_s: float
     reconciles: bool
-    event_loop: Literal["uvloop", "asyncio"] | None = None
-    """The event loop the pipeline runs on ([server] event_loop, `--loop`); None before it starts."""
+    event_loop: Literal["uvloop", "asyncio", "trio"] | None = None
+    """The event loop the pipeline runs on (what the command line chose from [server] event_loop,
+    or what a program running the Orchestrator itself chose); None before it starts."""
     breakers: list[BreakerStatus] = Field(default_factory=list)
     """One circuit breaker per backend (per replica inside a pool or fallback chain)."""
     distributed: DistributedStatus | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import platform
 import queue
 import re
 import subprocess
@@ -27,6 +28,8 @@ from testbeds.processes import free_port as free_port
 from testbeds.processes import terminate as terminate
 
 SCRIPT = Path(sys.executable).parent / "mcp-orchestrator"
+DEFAULT_LOOP = "uvloop" if sys.platform != "win32" and platform.python_implementation() == "CPython" else "asyncio"
+"""The loop a served process picks by default: uvloop is a dependency exactly there (pyproject.toml)."""
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 CLI_TIMEOUT_S = 30.0

@@ -16,7 +16,8 @@ import pytest
 
 from mcp_orchestrator import __version__
 from mcp_orchestrator.cli import build_parser, main
-from tests.support_processes import python_module, run_cli, write_lines
+from mcp_orchestrator.event_loop import backend_options
+from tests.support_processes import DEFAULT_LOOP, python_module, run_cli, write_lines
 
 EXIT_USAGE = 2
 
@@ -209,6 +210,9 @@ def test_loop_uvloop_is_refused_when_it_cannot_be_imported(
     assert "server.event_loop" in line and "choose asyncio" in line, line
     code, out, _ = run_main(capsys, "--loop", "auto", "--check-config")  # auto falls back to asyncio
     assert code == 0 and json.loads(out)["server"]["event_loop"] == "auto"
+    assert backend_options("auto") == {"use_uvloop": False}
+    monkeypatch.undo()
+    assert backend_options("auto") == {"use_uvloop": DEFAULT_LOOP == "uvloop"}
 
 
 # ---------------------------------------------------------------------------- resolution

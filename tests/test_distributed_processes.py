@@ -129,10 +129,9 @@ async def test_200_identical_calls_on_three_processes_cost_one_backend_call(
     shared = [(await status(server))["distributed"] for server in trio]
     assert all(block["state"] == "ok" for block in shared)
     assert sum(block["flights_led"] for block in shared) >= 1
-    # The leader's end reached Redis (the followers were answered through it), in as many
-    # writes or fewer, and Redis refused none.
+    # The leader's end was sent (the followers were answered through it) and Redis took it.
     assert sum(block["flight_ends_sent"] for block in shared) >= 1
-    assert all(block["flight_end_writes"] <= block["flight_ends_sent"] for block in shared)
+    assert sum(block["flight_end_writes"] for block in shared) >= 1
     assert all(block["flight_ends_refused"] == 0 for block in shared)
     after = await assert_conserved(trio)
     assert after["submitted"] - before["submitted"] == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import httpx2
@@ -13,7 +14,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from tests.support_processes import HttpServer, http_server
+from tests.support_processes import DEFAULT_LOOP, HttpServer, http_server
 
 pytestmark = pytest.mark.anyio
 
@@ -32,6 +33,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
 def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
     with http_server("--worker", "echo", token=TOKEN, workdir=tmp_path_factory.mktemp("http-token")) as running:
         yield running
+
+
+async def test_loop_asyncio_serves_http_on_the_standard_loop(tmp_path: Path) -> None:
+    with http_server("--worker", "echo", "--loop", "asyncio", workdir=tmp_path) as running:
+        with anyio.fail_after(SESSION_TIMEOUT_S):
+            async with Client(running.mcp_url) as client:
+                result = await client.call_tool("infer", {"prompt": "head and body on asyncio"})
+                status = (await client.call_tool("pipeline_status", {})).structured_content
+    assert result.content[0].text == "head and body on asyncio"
+    assert status is not None and status["event_loop"] == "asyncio"
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> httpx2.Response:
@@ -133,7 +144,7 @@ async def test_metrics_count_completed_requests_and_show_queue_depths(server: Ht
     assert metric(text, "orchestrator_requests_total", completed_label) == after["totals"]["completed"]
     assert after["totals"]["completed"] == before["totals"]["completed"] + 3
     assert after["reconciles"] is True
-    assert after["event_loop"] == "uvloop"  # the HTTP protocol runs on uvloop's transports too
+    assert after["event_loop"] == DEFAULT_LOOP  # the HTTP protocol runs on uvloop's transports too
     for stage in STAGES:
         assert metric(text, "orchestrator_queue_depth", f'stage="{stage}"') == 0
         assert f'orchestrator_requests_shed_total{{stage="{stage}"}}' in text

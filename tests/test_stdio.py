@@ -26,6 +26,7 @@ from mcp_orchestrator import Config
 from testbeds.processes import rss_bytes
 from tests.conftest import error_text
 from tests.support_processes import (
+    DEFAULT_LOOP,
     LINE_TIMEOUT_S,
     SCRIPT,
     RawStdio,
@@ -78,7 +79,7 @@ async def test_stdio_session_lists_tools_streams_progress_and_rejects_bad_input(
     assert status["totals"]["submitted"] == 1
     assert status["totals"]["completed"] == 1
     assert status["reconciles"] is True
-    assert status["event_loop"] == "uvloop"  # a dependency on this platform, chosen by default
+    assert status["event_loop"] == DEFAULT_LOOP
 
 
 async def test_loop_asyncio_serves_on_the_standard_loop() -> None:
