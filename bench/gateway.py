@@ -29,7 +29,10 @@ Rounds interleave the targets (the order rotates each round) so all see the same
 noise. Verdicts read intervals, never the best of several runs:
 - CPU per call and throughput ratios: per round (the two ran one after the other in it), the
   distribution-free interval for the median of the rounds (bench/common.median_interval);
-- added p50: a bootstrap 95% interval of the difference of the two p50s over all calls.
+- added p50 at c=1: the difference of the two sides' p50s over all calls, each side served by
+  INSTANCES_AT_C1 processes of its server (the extra ones run at c=1 only), with a two-level
+  bootstrap 95% interval (processes resampled, then calls): processes of the same code differ
+  by more than the calls' sampling noise, and one process per side would pass its luck on.
 
     .venv/bin/python -m bench.gateway [--rounds 7] [--litellm] [--no-redis]
 """
@@ -78,6 +81,11 @@ CALL_TIMEOUT_S = 30.0
 BLOCK_TIMEOUT_S = 600.0
 LITELLM_VERSION = "1.105.7"
 LITELLM_VENV = Path(tempfile.gettempdir()) / "mcp-orchestrator-bench-litellm"
+INSTANCES_AT_C1 = 3
+"""Server processes per side of each c=1 latency verdict. Two processes of the same code, side
+by side in one run, differ in p50 by up to about 0.25 ms here (three pairs of the same local and
+Redis servers gave Redis's added p50 as +0.18, +0.22 and +0.45 ms), more than the calls'
+sampling noise: one process per side would hand its luck to the verdict."""
 INSTALL_TIMEOUT_S = 1800.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -275,6 +283,20 @@ class Target:
     throughput: dict[int, list[float]] = field(default_factory=dict)
     retries: int = 0
     """Calls sent again after their kept-alive connection turned out to be closed."""
+    levels: tuple[int, ...] = LEVELS
+    """The levels it runs at (the extra instances of a server: c=1 only)."""
+
+
+def at_c1_only(target: Target, instance: int) -> Target:
+    """`target` as instance `instance` of its server, measured at c=1 only (see INSTANCES_AT_C1)."""
+    target.levels = (1,)
+    target.label = f"{target.label} (instance {instance})"
+    return target
+
+
+def instances(targets: dict[str, Target], name: str) -> list[Target]:
+    """Every instance of the server `name` (the main one first)."""
+    return [target for key, target in targets.items() if key == name or key.startswith(f"{name}#")]
 
 
 async def run_block(
@@ -312,13 +334,14 @@ async def measure(targets: list[Target], rounds: int, block_calls: dict[int, int
     numbers = itertools.count(random.randrange(10**9))  # unique prompts, unique across runs too
     for level in LEVELS:
         limits = httpx2.Limits(max_connections=level, max_keepalive_connections=level)
-        clients = {t.name: httpx2.AsyncClient(timeout=CALL_TIMEOUT_S, limits=limits) for t in targets}
+        running = [target for target in targets if level in target.levels]
+        clients = {t.name: httpx2.AsyncClient(timeout=CALL_TIMEOUT_S, limits=limits) for t in running}
         try:
-            for target in targets:  # warm-up: connections open, caches of code paths hot
+            for target in running:  # warm-up: connections open, caches of code paths hot
                 await run_block(target, clients[target.name], level, max(2 * level, 20), numbers)
                 target.latencies[level], target.cpu_per_call[level], target.throughput[level] = [], [], []
             for number in range(rounds):
-                order = targets[number % len(targets) :] + targets[: number % len(targets)]
+                order = running[number % len(running) :] + running[: number % len(running)]
                 for target in order:
                     latencies, wall, cpu = await run_block(
                         target, clients[target.name], level, block_calls[level], numbers
@@ -335,15 +358,23 @@ async def measure(targets: list[Target], rounds: int, block_calls: dict[int, int
 # ---------------------------------------------------------------------------- report
 
 
-def p50_difference(mine: list[float], base: list[float]) -> tuple[float, tuple[float, float]]:
-    """p50(mine) - p50(base) with a bootstrap 95% interval (the two resampled independently)."""
+def grouped_p50_difference(mine: list[list[float]], base: list[list[float]]) -> tuple[float, tuple[float, float]]:
+    """p50 of all `mine` calls - p50 of all `base` calls, each side a list of server instances'
+    latencies, with a two-level bootstrap 95% interval: the instances resampled, then the calls
+    within each, so the interval holds the difference between processes as well as the calls'."""
     rand = random.Random(BOOTSTRAP_SEED)
+
+    def resampled(side: list[list[float]]) -> list[float]:
+        chosen = [rand.choice(side) for _ in side]
+        return [value for calls in chosen for value in rand.choices(calls, k=len(calls))]
+
     estimates = sorted(
-        percentile(rand.choices(mine, k=len(mine)), 0.5) - percentile(rand.choices(base, k=len(base)), 0.5)
-        for _ in range(BOOTSTRAP_SAMPLES)
+        percentile(resampled(mine), 0.5) - percentile(resampled(base), 0.5) for _ in range(BOOTSTRAP_SAMPLES)
     )
     interval = estimates[int(0.025 * len(estimates))], estimates[int(0.975 * len(estimates)) - 1]
-    return percentile(mine, 0.5) - percentile(base, 0.5), interval
+    pooled_mine = [value for calls in mine for value in calls]
+    pooled_base = [value for calls in base for value in calls]
+    return percentile(pooled_mine, 0.5) - percentile(pooled_base, 0.5), interval
 
 
 def per_round_ratio(mine: list[float], base: list[float]) -> tuple[float, tuple[float, float], float]:
@@ -362,7 +393,9 @@ def report(targets: dict[str, Target], rounds: int, block_calls: dict[int, int])
     print("   |---|---|---|---|---|---|---|")
     for level in LEVELS:
         base50, base99 = percentile(direct.latencies[level], 0.5), percentile(direct.latencies[level], 0.99)
-        for target in targets.values():
+        for target in (t for name in targets if "#" not in name for t in instances(targets, name)):
+            if level not in target.levels:
+                continue
             values = target.latencies[level]
             p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
             added_text = "—" if target is direct else f"{p50 - base50:+.2f} / {p99 - base99:+.2f}"
@@ -379,7 +412,8 @@ def report(targets: dict[str, Target], rounds: int, block_calls: dict[int, int])
     at_most(
         "server CPU per call at c=16, orchestrator / naive bridge", ratio, interval, TARGET_CPU_VS_BRIDGE, "x", coverage
     )
-    added, interval2 = p50_difference(orchestrator.latencies[1], bridge.latencies[1])
+    c1_per_instance(targets, ("bridge", "orchestrator", "local", "redis1"))
+    added, interval2 = c1_difference(targets, "orchestrator", "bridge")
     at_most("added p50 at c=1, orchestrator - naive bridge", added, interval2, TARGET_ADDED_P50_MS, " ms")
     if "litellm" in targets:
         ratio, interval, coverage = per_round_ratio(orchestrator.throughput[64], targets["litellm"].throughput[64])
@@ -394,8 +428,8 @@ def report(targets: dict[str, Target], rounds: int, block_calls: dict[int, int])
     else:
         row("LiteLLM proxy", "not run (--litellm installs and runs it)")
     if "redis1" in targets:
-        local, redis1, redis2 = targets["local"], targets["redis1"], targets["redis2"]
-        added, interval2 = p50_difference(redis1.latencies[1], local.latencies[1])
+        redis1, redis2 = targets["redis1"], targets["redis2"]
+        added, interval2 = c1_difference(targets, "redis1", "local")
         at_most(
             "Redis's added p50 at c=1 (dedup+cache on, 1 process)", added, interval2, TARGET_REDIS_ADDED_P50_MS, " ms"
         )
@@ -414,6 +448,21 @@ def report(targets: dict[str, Target], rounds: int, block_calls: dict[int, int])
             "throughput at c=64, 2 processes / 1 (Redis)",
             f"{ratio:.2f}x ({coverage:.0%} {interval[0]:.2f} .. {interval[1]:.2f})",
         )
+
+
+def c1_difference(targets: dict[str, Target], mine: str, base: str) -> tuple[float, tuple[float, float]]:
+    """The c=1 p50 difference between two servers, over all their instances."""
+    return grouped_p50_difference(
+        [target.latencies[1] for target in instances(targets, mine)],
+        [target.latencies[1] for target in instances(targets, base)],
+    )
+
+
+def c1_per_instance(targets: dict[str, Target], names: Sequence[str]) -> None:
+    for name in names:
+        if name in targets:
+            p50s = " / ".join(f"{percentile(t.latencies[1], 0.5):.2f}" for t in instances(targets, name))
+            row(f"c=1 p50 per instance, {name}", f"{p50s} ms")
 
 
 # ---------------------------------------------------------------------------- main
@@ -449,10 +498,16 @@ def main() -> None:
         }
         row("mock backend", f"{backend} (pid {mock.pid}, {LATENCY_MS:g} ms per answer)")
 
-        targets["bridge"] = _bridge(stack, python, backend, logs)
+        targets["bridge"] = _bridge(stack, python, backend, logs, "bridge")
         no_dedup = {"cache": False, "dedup": False}
         config = orchestrator_config(logs / "plain.toml", backend, dedup=False, redis_url=None)
-        targets["orchestrator"] = _orchestrator(stack, "orchestrator", "mcp-orchestrator infer", config, logs, no_dedup)
+        label = "mcp-orchestrator infer"
+        targets["orchestrator"] = _orchestrator(stack, "orchestrator", label, config, logs, no_dedup)
+        for instance in range(2, INSTANCES_AT_C1 + 1):
+            name = f"bridge#{instance}"
+            targets[name] = at_c1_only(_bridge(stack, python, backend, logs, name), instance)
+            name = f"orchestrator#{instance}"
+            targets[name] = at_c1_only(_orchestrator(stack, name, label, config, logs, no_dedup), instance)
         if args.litellm:
             targets["litellm"] = _litellm(stack, backend, logs)
         if not args.no_redis:
@@ -462,13 +517,13 @@ def main() -> None:
         report(targets, args.rounds, block_calls)
 
 
-def _bridge(stack: ExitStack, python: str, backend: str, logs: Path) -> Target:
+def _bridge(stack: ExitStack, python: str, backend: str, logs: Path, name: str) -> Target:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [python, "-m", "bench.naive_bridge", str(port), f"{backend}/v1", MODEL]
     # The SDK answers a GET /mcp without a session with 400/405/406: ready is "it answers at all".
-    process = stack.enter_context(_started_any(command, f"{url}/mcp", logs, "bridge"))
-    return Target("bridge", "naive bridge (SDK + httpx2)", mcp_call(f"{url}/mcp", "ask", {}), process.pid)
+    process = stack.enter_context(_started_any(command, f"{url}/mcp", logs, name))
+    return Target(name, "naive bridge (SDK + httpx2)", mcp_call(f"{url}/mcp", "ask", {}), process.pid)
 
 
 @contextmanager
@@ -546,13 +601,20 @@ def _redis_targets(stack: ExitStack, targets: dict[str, Target], backend: str, l
         return
     local = orchestrator_config(logs / "local.toml", backend, dedup=True, redis_url=None)
     shared = orchestrator_config(logs / "redis.toml", backend, dedup=True, redis_url=redis.url)
-    targets["local"] = _orchestrator(stack, "local", "orchestrator, dedup+cache local (1 process)", local, logs, {})
-    targets["redis1"] = _orchestrator(
-        stack, "redis1", "orchestrator, dedup+cache on Redis (1 process)", shared, logs, {}
+    local_label, redis_label = (
+        "orchestrator, dedup+cache local (1 process)",
+        "orchestrator, dedup+cache on Redis (1 process)",
     )
+    targets["local"] = _orchestrator(stack, "local", local_label, local, logs, {})
+    targets["redis1"] = _orchestrator(stack, "redis1", redis_label, shared, logs, {})
     targets["redis2"] = _orchestrator(
         stack, "redis2", "orchestrator, dedup+cache on Redis (--workers 2)", shared, logs, {}, workers=2
     )
+    for instance in range(2, INSTANCES_AT_C1 + 1):
+        name = f"local#{instance}"
+        targets[name] = at_c1_only(_orchestrator(stack, name, local_label, local, logs, {}), instance)
+        name = f"redis1#{instance}"
+        targets[name] = at_c1_only(_orchestrator(stack, name, redis_label, shared, logs, {}), instance)
 
 
 if __name__ == "__main__":
