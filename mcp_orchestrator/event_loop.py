@@ -1,11 +1,8 @@
 """Which event loop the server runs on: uvloop when it is installed, else asyncio's own.
 
-uvloop (libuv under asyncio's interface) wakes a task for a socket's data sooner and with
-less Python in between. That matters most where a request waits on a short round trip on
-its path: the Redis join every new request sends when `[distributed] redis_url` is set.
-With one call at a time and only the servers under test running, Redis's added p50 was about
-0.18 ms lower on uvloop (BENCHMARKS.md, "Gateway, on uvloop"). Everything the server does
-goes through anyio, which runs on either loop; `[server] event_loop = "asyncio"` (or `--loop asyncio`) keeps the
+uvloop (libuv under asyncio's interface) runs the loop's own work (sockets, timers, callbacks)
+in C: the server spent about 5% less CPU per call on it at 16 concurrent calls (BENCHMARKS.md,
+"Gateway, on uvloop"). Everything the server does goes through anyio, which runs on either loop; `[server] event_loop = "asyncio"` (or `--loop asyncio`) keeps the
 standard loop, for a platform uvloop does not support (Windows) or to rule it out. The key is
 read by the command line (cli.py); a program that runs an Orchestrator itself picks its loop
 with anyio.run's own options.
