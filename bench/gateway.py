@@ -30,11 +30,11 @@ noise. Verdicts read intervals, never the best of several runs:
 - CPU per call and throughput ratios: per round (the two ran one after the other in it), the
   distribution-free interval for the median of the rounds (bench/common.median_interval);
 - added p50 at c=1: the difference of the two sides' p50s over all calls, each side served by
-  INSTANCES_AT_C1 processes of its server (the extra ones run at c=1 only), with a two-level
+  `--instances` processes of its server (default INSTANCES_AT_C1) (the extra ones run at c=1 only), with a two-level
   bootstrap 95% interval (processes resampled, then calls): processes of the same code differ
   by more than the calls' sampling noise, and one process per side would pass its luck on.
 
-    .venv/bin/python -m bench.gateway [--rounds 7] [--litellm] [--no-redis]
+    .venv/bin/python -m bench.gateway [--rounds 7] [--litellm] [--no-redis] [--instances 3]
 """
 
 from __future__ import annotations
@@ -387,6 +387,7 @@ def per_round_ratio(mine: list[float], base: list[float]) -> tuple[float, tuple[
 def report(targets: dict[str, Target], rounds: int, block_calls: dict[int, int]) -> None:
     header(f"gateway: {LATENCY_MS:g} ms mock OpenAI backend; direct, naive bridge, mcp-orchestrator and peers")
     row("rounds per level, calls per block", ", ".join(f"c={c}: {rounds} x {n}" for c, n in block_calls.items()))
+    row("processes per side at c=1", str(len(instances(targets, "orchestrator"))))
     direct = targets["direct"]
     print()
     print("   | target | c | p50 ms | p99 ms | added p50 / p99 ms | calls/s | server CPU ms/call |")
@@ -478,7 +479,16 @@ def main() -> None:
         "--litellm", action="store_true", help=f"install (once) and run litellm[proxy]=={LITELLM_VERSION}"
     )
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis phases")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=INSTANCES_AT_C1,
+        metavar="N",
+        help=f"server processes per side of each c=1 latency verdict (default {INSTANCES_AT_C1}, at least 1)",
+    )
     args = parser.parse_args()
+    if args.instances < 1:
+        parser.error("--instances must be at least 1")
     block_calls = {1: args.calls_c1, 16: args.calls_c16, 64: args.calls_c64}
     python = sys.executable
     with ExitStack() as stack:
@@ -503,7 +513,7 @@ def main() -> None:
         config = orchestrator_config(logs / "plain.toml", backend, dedup=False, redis_url=None)
         label = "mcp-orchestrator infer"
         targets["orchestrator"] = _orchestrator(stack, "orchestrator", label, config, logs, no_dedup)
-        for instance in range(2, INSTANCES_AT_C1 + 1):
+        for instance in range(2, args.instances + 1):
             name = f"bridge#{instance}"
             targets[name] = at_c1_only(_bridge(stack, python, backend, logs, name), instance)
             name = f"orchestrator#{instance}"
@@ -511,7 +521,7 @@ def main() -> None:
         if args.litellm:
             targets["litellm"] = _litellm(stack, backend, logs)
         if not args.no_redis:
-            _redis_targets(stack, targets, backend, logs)
+            _redis_targets(stack, targets, backend, logs, args.instances)
         assert mock.poll() is None
         anyio.run(measure, list(targets.values()), args.rounds, block_calls)
         report(targets, args.rounds, block_calls)
@@ -591,7 +601,7 @@ def _litellm(stack: ExitStack, backend: str, logs: Path) -> Target:
     )
 
 
-def _redis_targets(stack: ExitStack, targets: dict[str, Target], backend: str, logs: Path) -> None:
+def _redis_targets(stack: ExitStack, targets: dict[str, Target], backend: str, logs: Path, count: int) -> None:
     from testbeds.redis import redis_server
 
     redis = stack.enter_context(redis_server())
@@ -610,7 +620,7 @@ def _redis_targets(stack: ExitStack, targets: dict[str, Target], backend: str, l
     targets["redis2"] = _orchestrator(
         stack, "redis2", "orchestrator, dedup+cache on Redis (--workers 2)", shared, logs, {}, workers=2
     )
-    for instance in range(2, INSTANCES_AT_C1 + 1):
+    for instance in range(2, count + 1):
         name = f"local#{instance}"
         targets[name] = at_c1_only(_orchestrator(stack, name, local_label, local, logs, {}), instance)
         name = f"redis1#{instance}"
