@@ -2,10 +2,11 @@
 
 uvloop (libuv under asyncio's interface) runs the loop's own work (sockets, timers, callbacks)
 in C: the server spent about 5% less CPU per call on it at 16 concurrent calls (BENCHMARKS.md,
-"Gateway, on uvloop"). Everything the server does goes through anyio, which runs on either loop; `[server] event_loop = "asyncio"` (or `--loop asyncio`) keeps the
-standard loop, for a platform uvloop does not support (Windows) or to rule it out. The key is
-read by the command line (cli.py); a program that runs an Orchestrator itself picks its loop
-with anyio.run's own options.
+"Gateway, on uvloop"). Everything the server does goes through anyio, which runs on either
+loop; `[server] event_loop = "asyncio"` (or `--loop asyncio`) keeps the standard loop, for a
+platform uvloop does not support (Windows) or to rule it out. The key is read by the command
+line (cli.py); a program that runs an Orchestrator itself picks its loop with anyio.run's own
+options.
 """
 
 from __future__ import annotations
