@@ -43,18 +43,10 @@ class Lane:
         """Run `script`; its reply, or the library's exception (ResponseError: Redis refused it).
         Never sent twice: a script that ran but whose reply was lost must not run again (a
         join would find its own lock, a reservation would take two tokens)."""
-        async with self._slots:
-            connection = await self._take()
-            try:
-                reply = await _run(connection, script, keys, args)
-            except ResponseError:  # a whole reply was read: the connection is in step
-                await self._give_back(connection)
-                raise
-            except BaseException:
-                await _close(connection)
-                raise
-            await self._give_back(connection)
-            return reply
+        (reply,) = await self.evalsha_many(script, [(keys, args)])
+        if isinstance(reply, ResponseError):  # read whole: its connection went back in step
+            raise reply
+        return reply
 
     async def evalsha_many(self, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
         """Run `script` once per call, all sent in one write; each call's reply, or the
@@ -110,17 +102,6 @@ class Lane:
         """Close the idle connections, and each busy one as its command ends."""
         self._closed = True
         await self.drop_idle()
-
-
-async def _run(
-    connection: AbstractConnection, script: AsyncScript, keys: Sequence[str], args: Sequence[Argument]
-) -> Any:
-    try:
-        await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        return await connection.read_response()
-    except NoScriptError:  # Redis restarted empty: EVAL sends the text and caches it again
-        await connection.send_command("EVAL", script.script, len(keys), *keys, *args)
-        return await connection.read_response()
 
 
 async def _run_many(connection: AbstractConnection, script: AsyncScript, calls: Sequence[Call]) -> list[Any]:
