@@ -113,9 +113,7 @@ class FlightEnds:
         """A join that may lead `key` is about to be sent: our own queued end of it goes first."""
         flight = self._flights.get(key)
         if flight is not None and flight.ending is not None:
-            ending, flight.ending, flight.followed = flight.ending, None, False
-            self._tidy(key, flight)
-            await self._send([(key, ending)])
+            await self._send([(key, self._unqueue(key, flight))])
         self._flights.setdefault(key, _Flight()).joining += 1
 
     def joined(self, key: str, *, leads: bool) -> None:
@@ -149,6 +147,13 @@ class FlightEnds:
         flight = self._flights.get(key)
         return flight is not None and flight.followed
 
+    def _unqueue(self, key: str, flight: _Flight) -> Ending:
+        """Take `flight`'s queued end off the queue, to be sent now."""
+        assert flight.ending is not None
+        ending, flight.ending, flight.followed = flight.ending, None, False  # a next flight starts unfollowed
+        self._tidy(key, flight)
+        return ending
+
     def _tidy(self, key: str, flight: _Flight) -> None:
         if not flight.joining and not flight.leading and flight.ending is None:
             del self._flights[key]
@@ -167,15 +172,9 @@ class FlightEnds:
 
     async def flush(self) -> None:
         """Send every queued end now (the task above, and shutdown)."""
-        batch: list[tuple[str, Ending]] = []
-        for key, flight in tuple(self._flights.items()):  # the queue: the flights with an end
-            if flight.ending is None:
-                continue
-            batch.append((key, flight.ending))
-            flight.ending, flight.followed = None, False  # a next flight of the key starts unfollowed
-            self._tidy(key, flight)
-        if batch:
-            await self._send(batch)
+        queued = [(key, flight) for key, flight in self._flights.items() if flight.ending is not None]
+        if queued:
+            await self._send([(key, self._unqueue(key, flight)) for key, flight in queued])
 
     async def send(self, key: str, outcome: Outcome, cache: CachePut | None) -> None:
         """One end, now."""
