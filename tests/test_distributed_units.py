@@ -183,13 +183,11 @@ LONG_DELAY_S = 600.0
 
 
 async def test_an_end_nobody_follows_waits_and_goes_out_with_others_in_one_write(redis: RedisServer) -> None:
-    state = SharedState(redis.url, DistributedSection(key_prefix="later"), _dedup(), 100)
+    state = _waiting_state(redis, "later")
     ends = state.flights.ends
-    ends.delay_s = LONG_DELAY_S
     async with state.running():
         for n in range(3):
-            assert (await state.flights.join(f"k{n}", look=True, share=True)).verdict == "lead"
-            ends.end(f"k{n}", _cached(state, f"k{n}", f"answer {n}"))
+            await _lead_and_end(state, f"k{n}", f"answer {n}")
         await anyio.sleep(0.2)  # the background task had its chance: it waits for the delay
         assert await state.link.client.exists(*(state.keys.lock(f"k{n}") for n in range(3))) == 3
         await ends.flush()
@@ -231,22 +229,18 @@ async def test_a_flight_followed_while_it_runs_ends_at_once(redis: RedisServer) 
 
 
 async def test_queued_ends_go_out_at_shutdown(redis: RedisServer) -> None:
-    state = SharedState(redis.url, DistributedSection(key_prefix="last"), _dedup(), 100)
-    state.flights.ends.delay_s = LONG_DELAY_S
+    state = _waiting_state(redis, "last")
     async with state.running():
-        assert (await state.flights.join("last", look=True, share=True)).verdict == "lead"
-        state.flights.ends.end("last", _cached(state, "last", "the answer"))
+        await _lead_and_end(state, "last", "the answer")
     async with state.running():
         assert (await state.flights.join("last", look=True, share=False)).answer == "the answer"
 
 
 async def test_a_process_joining_its_own_ended_flight_sends_the_end_first(redis: RedisServer) -> None:
     """It does not follow a flight that is already over (nobody would end it but itself)."""
-    state = SharedState(redis.url, DistributedSection(key_prefix="again"), _dedup(), 100)
-    state.flights.ends.delay_s = LONG_DELAY_S
+    state = _waiting_state(redis, "again")
     async with state.running():
-        assert (await state.flights.join("again", look=True, share=True)).verdict == "lead"
-        state.flights.ends.end("again", _cached(state, "again", "first answer"))
+        await _lead_and_end(state, "again", "first answer")
         assert (await state.flights.join("again", look=True, share=True)).answer == "first answer"
         assert (await state.flights.join("again", look=False, share=True)).verdict == "lead"  # the lock went
 
@@ -274,9 +268,8 @@ async def test_an_end_that_cannot_be_built_releases_the_flight(
 async def test_a_notice_that_comes_before_the_join_reply_still_counts(redis: RedisServer) -> None:
     """The notice needs our lock, so it comes after our join ran, but it may be read before
     the join's reply: the flight is known from the moment the join is sent."""
-    state = SharedState(redis.url, DistributedSection(key_prefix="race"), _dedup(), 100)
+    state = _waiting_state(redis, "race")
     ends = state.flights.ends
-    ends.delay_s = LONG_DELAY_S
     async with state.running():
         await ends.joining("race")
         ends.noticed({"t": "followed", "k": "race"})  # read before the reply
@@ -288,11 +281,9 @@ async def test_a_notice_that_comes_before_the_join_reply_still_counts(redis: Red
 
 
 async def test_a_caller_leaving_while_its_join_sends_the_queued_end_loses_no_end(redis: RedisServer) -> None:
-    state = SharedState(redis.url, DistributedSection(key_prefix="leave"), _dedup(), 100)
-    state.flights.ends.delay_s = LONG_DELAY_S
+    state = _waiting_state(redis, "leave")
     async with state.running():
-        assert (await state.flights.join("leave", look=True, share=True)).verdict == "lead"
-        state.flights.ends.end("leave", _cached(state, "leave", "kept"))
+        await _lead_and_end(state, "leave", "kept")
         with anyio.CancelScope() as scope:
             scope.cancel()  # the caller is gone before the join sends anything
             await state.flights.join("leave", look=True, share=True)
@@ -314,12 +305,10 @@ async def test_a_refused_script_in_a_batch_leaves_the_connection_in_step(redis: 
 
 
 async def test_ends_sent_together_after_redis_forgot_the_script_all_run(redis: RedisServer) -> None:
-    state = SharedState(redis.url, DistributedSection(key_prefix="forgot"), _dedup(), 100)
-    state.flights.ends.delay_s = LONG_DELAY_S
+    state = _waiting_state(redis, "forgot")
     async with state.running():
         for n in range(3):
-            assert (await state.flights.join(f"f{n}", look=True, share=True)).verdict == "lead"
-            state.flights.ends.end(f"f{n}", _cached(state, f"f{n}", f"answer {n}"))
+            await _lead_and_end(state, f"f{n}", f"answer {n}")
         await state.link.client.script_flush()
         await state.flights.ends.flush()
         assert [(await state.flights.join(f"f{n}", look=True, share=False)).answer for n in range(3)] == [
@@ -423,11 +412,22 @@ def _ok() -> Outcome:
     return Outcome("ok", answer="{}")
 
 
+def _waiting_state(redis: RedisServer, prefix: str) -> SharedState:
+    """One process's state whose unfollowed ends would wait LONG_DELAY_S."""
+    state = SharedState(redis.url, DistributedSection(key_prefix=prefix), _dedup(), 100)
+    state.flights.ends.delay_s = LONG_DELAY_S
+    return state
+
+
 def _waiting_leader_and_follower(redis: RedisServer, prefix: str) -> tuple[SharedState, SharedState]:
     """Two processes' states; the leader's unfollowed ends would wait LONG_DELAY_S."""
-    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix=prefix), _dedup(), 100) for _ in range(2))
-    leader.flights.ends.delay_s = LONG_DELAY_S
-    return leader, follower
+    return _waiting_state(redis, prefix), SharedState(redis.url, DistributedSection(key_prefix=prefix), _dedup(), 100)
+
+
+async def _lead_and_end(state: SharedState, key: str, answer: str) -> None:
+    """Lead the flight of `key`, then queue its end, which stores `answer` in the shared cache."""
+    assert (await state.flights.join(key, look=True, share=True)).verdict == "lead"
+    state.flights.ends.end(key, _cached(state, key, answer))
 
 
 def _cached(state: SharedState, key: str, answer: str) -> Ending:
