@@ -23,7 +23,7 @@ from testbeds.processes import free_port
 from testbeds.redis import RedisServer, redis_server
 from tests.conftest import wait_for
 from tests.support_admission import GatedWorker
-from tests.support_distributed import WAIT_LIMIT_S
+from tests.support_distributed import REDIS_TIMEOUT_MS, WAIT_LIMIT_S
 
 pytestmark = pytest.mark.anyio
 
@@ -87,7 +87,7 @@ async def test_an_unreachable_redis_is_one_warning_and_requests_carry_on(caplog:
 
 async def test_sharing_resumes_by_itself_after_a_restart(redis: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
-    config = config_from_mapping({"distributed": {"redis_url": redis.url, "key_prefix": "resume"}})
+    config = _shared_config(redis, "resume")
     async with Orchestrator(config) as orchestrator:
         await orchestrator.infer(Submission(prompt="before"))
         redis.stop()
@@ -113,7 +113,7 @@ async def test_sharing_resumes_by_itself_after_a_restart(redis: RedisServer, cap
 
 async def test_the_shared_cache_keeps_its_bounds(redis: RedisServer) -> None:
     dedup = config_from_mapping({"deduplication": {"max_entries": 3}}).deduplication
-    state = SharedState(redis.url, DistributedSection(key_prefix="bounds"), dedup, 100)
+    state = SharedState(redis.url, _section("bounds"), dedup, 100)
     async with state.running():
         for n in range(5):
             args = state.cache.put_args(f"k{n}", f"answer {n}")
@@ -129,7 +129,7 @@ async def test_a_flight_publishes_its_outcome_only_when_another_process_follows(
     """Distinct prompts (nobody follows) cost no process a message; the first follower's join
     tells the leader (a notice); a follower that joined before the leader ended is told, once,
     and the mark goes with the flight."""
-    leader, follower = (SharedState(redis.url, DistributedSection(key_prefix="told"), _dedup(), 100) for _ in range(2))
+    leader, follower = (SharedState(redis.url, _section("told"), _dedup(), 100) for _ in range(2))
     async with leader.running(), follower.running():
         await _subscribed(leader, follower)
         listener = leader.link.client.pubsub(ignore_subscribe_messages=True)
@@ -164,8 +164,8 @@ async def test_a_flight_publishes_its_outcome_only_when_another_process_follows(
 async def test_a_follower_is_told_even_when_the_leader_holds_a_longer_lock(redis: RedisServer) -> None:
     """A rolling change of lock_ttl_ms: the follower's mark lasts as long as the leader's lock
     (it joins again only then), not just twice its own expiry."""
-    leader = SharedState(redis.url, DistributedSection(key_prefix="ttl", lock_ttl_ms=5000), _dedup(), 100)
-    follower = SharedState(redis.url, DistributedSection(key_prefix="ttl", lock_ttl_ms=200), _dedup(), 100)
+    leader = SharedState(redis.url, _section("ttl", lock_ttl_ms=5000), _dedup(), 100)
+    follower = SharedState(redis.url, _section("ttl", lock_ttl_ms=200), _dedup(), 100)
     async with leader.running(), follower.running():
         await _subscribed(leader, follower)
         assert (await leader.flights.join("long", look=True, share=True)).verdict == "lead"
@@ -292,7 +292,7 @@ async def test_a_caller_leaving_while_its_join_sends_the_queued_end_loses_no_end
 
 
 async def test_a_refused_script_in_a_batch_leaves_the_connection_in_step(redis: RedisServer) -> None:
-    state = SharedState(redis.url, DistributedSection(key_prefix="step"), _dedup(), 100)
+    state = SharedState(redis.url, _section("step"), _dedup(), 100)
     async with state.running():
         script = state.link.client.register_script(
             "if KEYS[1] == 'bad' then return redis.error_reply('refused here') end return KEYS[1]"
@@ -322,7 +322,7 @@ async def test_ends_sent_together_after_redis_forgot_the_script_all_run(redis: R
 async def test_a_script_is_sent_once_on_a_new_connection_after_redis_restarts(redis: RedisServer) -> None:
     """The idle connections die with a restart; the next command notices before sending (no
     retry that could run a script twice) and Redis, restarted empty, gets the script's text."""
-    state = SharedState(redis.url, DistributedSection(key_prefix="once", timeout_ms=2000), _dedup(), 100)
+    state = SharedState(redis.url, _section("once"), _dedup(), 100)
     async with state.running():
         count = state.link.client.register_script("return redis.call('INCR', KEYS[1])")
         assert await state.link.script(count, ["once:n"], []) == 1
@@ -337,7 +337,7 @@ async def test_a_script_is_sent_once_on_a_new_connection_after_redis_restarts(re
 async def test_the_global_bucket_never_grants_more_than_its_bound(redis: RedisServer) -> None:
     """Three SharedStates (three connections, as three processes would have) take from one
     bucket as fast as they can, never waiting: at most burst + rate * elapsed succeed."""
-    states = [SharedState(redis.url, DistributedSection(key_prefix="gcra"), _dedup(), 100) for _ in range(3)]
+    states = [SharedState(redis.url, _section("gcra"), _dedup(), 100) for _ in range(3)]
     granted = 0
     async with states[0].running(), states[1].running(), states[2].running():
         started = anyio.current_time()
@@ -351,7 +351,7 @@ async def test_the_global_bucket_never_grants_more_than_its_bound(redis: RedisSe
 
 
 async def test_a_replay_is_claimed_once(redis: RedisServer) -> None:
-    states = [SharedState(redis.url, DistributedSection(key_prefix="claims"), _dedup(), 100) for _ in range(2)]
+    states = [SharedState(redis.url, _section("claims"), _dedup(), 100) for _ in range(2)]
     async with states[0].running(), states[1].running():
         claims = [await state.dead_letters.claim("dl-x-1") for state in (*states, states[0])]
     assert claims[0] is None
@@ -362,7 +362,9 @@ async def test_a_replay_is_claimed_once(redis: RedisServer) -> None:
 
 
 def _shared_config(redis: RedisServer, prefix: str) -> Config:
-    return config_from_mapping({"distributed": {"redis_url": redis.url, "key_prefix": prefix}})
+    return config_from_mapping(
+        {"distributed": {"redis_url": redis.url, "key_prefix": prefix, "timeout_ms": REDIS_TIMEOUT_MS}}
+    )
 
 
 async def test_a_follower_whose_caller_leaves_still_answers_the_others_waiting_with_it(redis: RedisServer) -> None:
@@ -408,20 +410,25 @@ async def _subscribed(*states: SharedState) -> None:
     await wait_for(lambda: all(state.events.connected for state in states))
 
 
+def _section(prefix: str, **fields: int) -> DistributedSection:
+    """Sharing under `prefix`, with the tests' generous command timeout (see REDIS_TIMEOUT_MS)."""
+    return DistributedSection(key_prefix=prefix, timeout_ms=REDIS_TIMEOUT_MS, **fields)
+
+
 def _ok() -> Outcome:
     return Outcome("ok", answer="{}")
 
 
 def _waiting_state(redis: RedisServer, prefix: str) -> SharedState:
     """One process's state whose unfollowed ends would wait LONG_DELAY_S."""
-    state = SharedState(redis.url, DistributedSection(key_prefix=prefix), _dedup(), 100)
+    state = SharedState(redis.url, _section(prefix), _dedup(), 100)
     state.flights.ends.delay_s = LONG_DELAY_S
     return state
 
 
 def _waiting_leader_and_follower(redis: RedisServer, prefix: str) -> tuple[SharedState, SharedState]:
     """Two processes' states; the leader's unfollowed ends would wait LONG_DELAY_S."""
-    return _waiting_state(redis, prefix), SharedState(redis.url, DistributedSection(key_prefix=prefix), _dedup(), 100)
+    return _waiting_state(redis, prefix), SharedState(redis.url, _section(prefix), _dedup(), 100)
 
 
 async def _lead_and_end(state: SharedState, key: str, answer: str) -> None:
