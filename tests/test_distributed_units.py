@@ -405,6 +405,50 @@ async def test_a_follower_whose_caller_leaves_still_answers_the_others_waiting_w
     assert status.reconciles and leader.status().reconciles
 
 
+async def test_a_caller_leaving_while_its_join_is_unanswered_gives_the_lock_back(redis: RedisServer) -> None:
+    """The caller leaves while Redis holds its join unanswered (CLIENT PAUSE here; in life a
+    slow Redis, which may run a script whose connection has since closed): the join is still
+    read to its end, and the lock it took is given back at once, not left to expire while the
+    same request in every other process follows a flight nobody runs (a minute here)."""
+    config = config_from_mapping(
+        {
+            "distributed": {
+                "redis_url": redis.url,
+                "key_prefix": "unanswered",
+                "timeout_ms": REDIS_TIMEOUT_MS,
+                "lock_ttl_ms": 60_000,
+            }
+        }
+    )
+    async with Orchestrator(config) as leaving, Orchestrator(config) as other:
+        client = leaving.pipeline.sharing.shared.link.client  # type: ignore[union-attr]
+        with anyio.fail_after(WAIT_LIMIT_S):
+            await leaving.infer(Submission(prompt="first"))  # Redis has the join script (no NOSCRIPT below)
+            await client.client_pause(int(WAIT_LIMIT_S * 1000), all=False)  # scripts wait, unanswered
+            try:
+                caller = anyio.CancelScope()
+
+                async def call() -> None:
+                    with caller:
+                        await leaving.infer(Submission(prompt="one answer"))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call)
+                    while (await client.info("clients"))["blocked_clients"] == 0:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)  # until Redis holds the join (no event tells)
+                    caller.cancel()
+            finally:
+                await client.client_unpause()
+            while await client.keys("unanswered:flight:*"):  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # until no flight's lock is left
+            result = await other.infer(Submission(prompt="one answer"))
+        left, status = leaving.status().distributed, other.status().distributed
+    assert left is not None and left.flights_led == 2  # "first", and the join that ran after its caller left
+    assert (result.text, result.coalesced) == ("one answer", False)
+    assert status is not None and (status.flights_led, status.flights_followed) == (1, 0)
+    assert leaving.status().reconciles and other.status().reconciles
+
+
 async def _subscribed(*states: SharedState) -> None:
     """Wait for each state's events subscription: one made later wakes every follower ("released")."""
     await wait_for(lambda: all(state.events.connected for state in states))

@@ -18,6 +18,8 @@ watcher of that key. A follower registers before it joins, so a message publishe
 its join cannot be missed; if the message never comes (the leader died, or the
 subscription was down), the follower joins again when the lock would have expired: then
 the lock is gone and one follower takes it over. Nobody waits past its own deadline: the caller's cancel scope bounds it.
+A caller that leaves while its join is on the wire waits for the reply (within the link's
+timeout): a lock the join took is then released at once, not left to expire.
 """
 
 from __future__ import annotations
@@ -123,7 +125,10 @@ class Flights:
             await self.ends.joining(key)
         verdict = ""
         try:
-            reply, detail = await self._link.script(self._join, names, args)
+            # Shielded (the link's timeout bounds it): once written, the script runs even if our
+            # caller leaves, and only its reply says whether it took a lock we must give back.
+            with anyio.CancelScope(shield=True):
+                reply, detail = await self._link.script(self._join, names, args)
             verdict = _text(reply)
         finally:
             if share:
