@@ -374,7 +374,8 @@ async def _serve_http(orchestrator: Any, shutdown: Shutdown, listener: socket.so
     app = build_http_app(
         orchestrator, server_config.host, server_config.allowed_hosts, server_config.allowed_origins, token
     )
-    app = DrainGate(app, shutdown)  # outermost: counts what is in flight, refuses new work once stopping
+    # Outermost: counts what is in flight, refuses new work once stopping.
+    app = DrainGate(app, shutdown, MCP_PATH, server_config.max_message_bytes)
     uv_config = uvicorn.Config(
         app,
         host=server_config.host,

@@ -191,13 +191,15 @@ def test_stdio_sigterm_past_the_grace_answers_every_call_with_an_error(tmp_path:
 # ---------------------------------------------------------------------------- HTTP
 
 
-async def http_calls_then_sigterm(server: HttpServer, *, legacy: bool = False) -> tuple[list[CallToolResult], str]:
+async def http_calls_then_sigterm(
+    server: HttpServer, *, legacy: bool = False, listed: bool = True
+) -> tuple[list[CallToolResult], str]:
     """CALLS concurrent infer calls over one client; SIGTERM once each has streamed its first word.
 
-    The client lists the tools first, as real clients do: it checks each result against the
-    tool's output schema and would otherwise ask for the list after the answer. Returns the
-    results, and the text of a call made once the drain has begun (legacy sessions only:
-    a sessionless client's new request is refused with 503)."""
+    With `listed`, the client lists the tools first; else its SDK asks for the list after the
+    first answer (to check each result against the tool's output schema), during the drain.
+    Returns the results, and the text of a call made once the drain has begun (legacy
+    sessions only: a sessionless client's new request is refused with 503)."""
     results: list[CallToolResult] = []
     late = ""
     started = 0
@@ -221,7 +223,8 @@ async def http_calls_then_sigterm(server: HttpServer, *, legacy: bool = False) -
             Client(server.mcp_url, **({"mode": "legacy"} if legacy else {})) as client,
             anyio.create_task_group() as tg,
         ):
-            await client.list_tools()
+            if listed:
+                await client.list_tools()
             for index in range(CALLS):
                 tg.start_soon(call, index)
             await all_started.wait()
@@ -246,11 +249,17 @@ def refused_after_signal(server: HttpServer) -> bool:
         return True
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["sessionless", "session"])
-async def test_http_sigterm_lets_calls_in_flight_finish_and_refuses_new_work(tmp_path: Path, legacy: bool) -> None:
+@pytest.mark.parametrize(
+    ("legacy", "listed"),
+    [(False, True), (False, False), (True, True)],
+    ids=["sessionless", "sessionless-unlisted", "session"],
+)
+async def test_http_sigterm_lets_calls_in_flight_finish_and_refuses_new_work(
+    tmp_path: Path, legacy: bool, listed: bool
+) -> None:
     config = config_file(tmp_path, FAST_CHUNK_MS, LONG_GRACE_S)
     with http_server("--config", str(config), workdir=tmp_path) as server:
-        results, late = await http_calls_then_sigterm(server, legacy=legacy)
+        results, late = await http_calls_then_sigterm(server, legacy=legacy, listed=listed)
         code = await anyio.to_thread.run_sync(wait_for_exit, server.process)
         stderr = server.stderr()
     assert code == 0

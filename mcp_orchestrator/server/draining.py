@@ -4,10 +4,12 @@ each transport stops taking work without cutting an answer.
 HTTP (`DrainGate`, the outermost ASGI middleware): a request other than a GET is in flight
 from its arrival until its response is complete (for a tool call, the SSE stream that
 carries its answer). Once the drain begins, a request that belongs to no open MCP session
-(a new client, a 2026-style sessionless POST, /healthz, /metrics) is answered 503; requests
-of open sessions are still served, because a client may need one (a tools/list to check a
-result's schema, a cancellation) to finish a call in flight, and a new tool call of theirs
-gets the pipeline's clear "server is shutting down" error. Once drained, open GET streams
+(a new client, a 2026-style sessionless POST, /healthz, /metrics) is answered 503, except a
+sessionless `tools/list` or `ping`, which start no work; requests of open sessions are still
+served. A client may need one (a tools/list to check a result against the tool's output
+schema, which the SDK's client sends after the result when it has not listed the tools
+yet; a cancellation) to finish a call in flight, and a new tool call of a session's gets
+the pipeline's clear "server is shutting down" error. Once drained, open GET streams
 (server-to-client messages, no answer owed) are ended as if their client had left, and
 completed cleanly, so that uvicorn can stop at once. `Uvicorn` is uvicorn
 without its own signal handlers: on SIGTERM they stop the server straight away (and
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import suppress
@@ -42,6 +45,7 @@ from mcp.types import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPC
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcp_orchestrator.server.bodies import read_body, replaying
 from mcp_orchestrator.server.sessions import SESSION_HEADER, header
 from mcp_orchestrator.shutdown import InFlight, Shutdown
 
@@ -53,6 +57,8 @@ REFUSAL = JSONResponse(
     headers={"Retry-After": "5", "Connection": "close"},
 )
 DISCONNECT: Message = {"type": "http.disconnect"}
+SERVED_WHILE_DRAINING = frozenset({"tools/list", "ping"})
+"""Sessionless requests still answered during a drain: they start no work (see the module docstring)."""
 CANCELLED = "notifications/cancelled"
 
 
@@ -95,17 +101,22 @@ class DrainGate:
     """ASGI middleware, outside every other: counts requests in flight, refuses requests from
     outside the open sessions once the server is stopping, ends open GET streams once drained."""
 
-    def __init__(self, app: ASGIApp, shutdown: Shutdown) -> None:
+    def __init__(self, app: ASGIApp, shutdown: Shutdown, path: str, limit: int) -> None:
         self.app = app
         self._shutdown = shutdown
+        self._path = path
+        self._limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # the lifespan: the session manager starts and stops with the server
             await self.app(scope, receive, send)
             return
         if self._shutdown.stopping and not in_session(scope):
-            await REFUSAL(scope, receive, send)
-            return
+            served = await self._workless(scope, receive)
+            if served is None:
+                await REFUSAL(scope, receive, send)
+                return
+            receive = served
         if scope["method"] == "GET":
             await self._stream(scope, receive, send)
             return
@@ -115,6 +126,20 @@ class DrainGate:
             await self.app(scope, receive, send)
         finally:
             self._shutdown.in_flight.leave(key)
+
+    async def _workless(self, scope: Scope, receive: Receive) -> Receive | None:
+        """For a sessionless POST of one SERVED_WHILE_DRAINING message: a `receive` that replays
+        its body (read here, within the size limit). None for anything else."""
+        if scope["method"] != "POST" or scope["path"] != self._path:
+            return None
+        read, body = await read_body(receive, self._limit)
+        try:
+            message = json.loads(body) if body is not None else None
+        except ValueError:
+            return None
+        if isinstance(message, dict) and message.get("method") in SERVED_WHILE_DRAINING:
+            return replaying(read, receive)
+        return None
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A GET owes no answer (an SSE stream of server messages, /healthz, /metrics): once the
