@@ -73,6 +73,8 @@ async def test_stdio_session_lists_tools_streams_progress_and_rejects_bad_input(
     assert result.content[0].text == "over the pipe we go"
     assert result.structured_content is not None
     assert result.structured_content["model"] == "stdio-echo"
+    timings = [result.structured_content["latency_ms"], *result.structured_content["stage_ms"].values()]
+    assert any(ms != int(ms) for ms in timings), timings  # finer than uvloop's whole-millisecond clock
     assert progress == ["over", " the", " pipe", " we", " go"]
     assert "priority" in error_text(bad)
     assert status is not None

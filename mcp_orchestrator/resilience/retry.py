@@ -36,33 +36,34 @@ class Clock(Protocol):
 
 
 class AnyioClock:
-    """The event loop's monotonic clock: the one deadlines and cancel scopes use."""
+    """The clock deadlines and cancel scopes use, read finely enough to time a request (see
+    `loop_clock`)."""
 
     def now(self) -> float:
-        try:
-            # Read straight from asyncio's loop: anyio.current_time() looks the backend up
-            # on every call, and this runs several times per request.
-            return asyncio.get_running_loop().time()
-        except RuntimeError:
-            pass
-        try:
-            return anyio.current_time()  # another anyio backend (trio)
-        except anyio.NoEventLoopError:
-            # Objects are built (and metrics registered) before the loop starts; asyncio's
-            # loop clock is time.monotonic, so readings agree once it runs.
-            return time.monotonic()
+        return loop_clock()()
 
     async def sleep(self, seconds: float) -> None:
         await anyio.sleep(seconds)
 
 
 def loop_clock() -> Callable[[], float]:
-    """The running event loop's clock as a plain function, for hot paths: anyio.current_time()
-    looks the async backend up on every call. Call from inside the loop."""
+    """The event loop's monotonic clock as a plain function, for hot paths (anyio.current_time()
+    looks the async backend up on every call).
+
+    On asyncio that is time.monotonic itself: asyncio's own loop reads it, and uvloop reads the
+    same clock (CLOCK_MONOTONIC) but only to the whole millisecond, cached once per loop turn,
+    which would make every latency and stage time a whole number of milliseconds. Timers and
+    cancel scopes on uvloop fire by its coarser reading, so within a millisecond of this one.
+    Objects built before the loop starts (metrics) read it too, and agree once it runs."""
     try:
-        return asyncio.get_running_loop().time
-    except RuntimeError:  # another anyio backend (trio): its own lookup
-        return anyio.current_time
+        asyncio.get_running_loop()
+    except RuntimeError:
+        try:
+            anyio.current_time()
+        except anyio.NoEventLoopError:
+            return time.monotonic  # no loop yet
+        return anyio.current_time  # another anyio backend (trio): its own clock
+    return time.monotonic
 
 
 @dataclass(frozen=True, slots=True)
