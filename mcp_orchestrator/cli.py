@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = resolve_config(args)
         # Imported late so that --help and config errors stay fast.
-        from mcp_orchestrator.orchestrator import Orchestrator, worker_from_config
+        from mcp_orchestrator.orchestrator import Orchestrator, unused_parameter_warnings, worker_from_config
         from mcp_orchestrator.pipeline.context import load_context_source
 
         worker_from_config(config)  # the worker and the context source are checked before anything starts
@@ -224,11 +224,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (refused := supervisor.refusal(workers, config)) is not None:
         print(f"mcp-orchestrator: {refused}", file=sys.stderr)
         return EXIT_USAGE
+    warnings = unused_parameter_warnings(config)
     if args.check_config:
+        for warning in warnings:
+            print(f"mcp-orchestrator: warning: {warning}", file=sys.stderr)
         print(json.dumps(redact(config.model_dump(mode="json")), indent=2))
         return 0
 
     configure_logging(config.observability.log_level, config.observability.log_format)
+    for warning in warnings:
+        log.warning("%s", warning)
     unauthenticated = not os.environ.get(config.server.auth_token_env) and config.server.oauth_issuer is None
     if serves_http and args.insecure_no_auth and unauthenticated:
         log.warning(

@@ -34,7 +34,7 @@ from mcp_orchestrator.resilience.retry import Clock
 from mcp_orchestrator.security import Origin, OriginRule
 from mcp_orchestrator.workers.base import Worker
 from mcp_orchestrator.workers.keys import host_of
-from mcp_orchestrator.workers.options import OPTION_NAMES, PARAMETER_OPTIONS
+from mcp_orchestrator.workers.options import OPTION_NAMES, PARAMETER_OPTIONS, unused_parameters
 from mcp_orchestrator.workers.registry import BuildContext, build_worker
 from mcp_orchestrator.workers.transport import BackgroundReads, new_client
 
@@ -126,6 +126,24 @@ def configured_origins(config: Config) -> tuple[OriginRule, ...]:
         except ValueError:
             continue  # not an http(s) URL: the worker it configures refuses it
     return tuple(rules)
+
+
+def unused_parameter_warnings(config: Config) -> list[str]:
+    """One line for each parameter default set in [stages.inference] that no backend of the
+    configured worker uses: it is kept (a worker configure_worker swaps in gets it), but a
+    reader of the file would expect it to act now."""
+    section = config.stages.inference
+    options = {"replicas": section.replicas, "members": section.members}
+    fields = type(section).model_fields
+    # Set = not its default (the file and the flags are merged into one model, every field set).
+    given = {name for name in PARAMETER_OPTIONS if getattr(section, name) != fields[name].default}
+    unused = unused_parameters(section.worker, options, given)
+    return [
+        f"stages.inference.{name} is set, but no backend of this worker uses it (worker kind "
+        f"{' and '.join(repr(kind) for kind in sorted(kinds))}); it applies only to a worker "
+        "configure_worker swaps in"
+        for name, kinds in unused.items()
+    ]
 
 
 def worker_from_config(config: Config, context: BuildContext | None = None) -> Worker:

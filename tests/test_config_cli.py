@@ -215,6 +215,53 @@ def test_loop_uvloop_is_refused_when_it_cannot_be_imported(
     assert backend_options("auto") == {"use_uvloop": DEFAULT_LOOP == "uvloop"}
 
 
+UNUSED_PARAMETERS = [
+    ("echo", ['worker = "echo"', 'stop = ["STOP"]', "seed = 7", "max_tokens = 10"], ["seed", "stop"], "'echo'"),
+    ("anthropic", ['worker = "anthropic"', "seed = 7", "temperature = 0.2"], ["seed"], "'anthropic'"),
+    (
+        "pool-of-echo",
+        ['worker = "pool"', "top_p = 0.5", "[[stages.inference.replicas]]", 'kind = "echo"'],
+        ["top_p"],
+        "'echo'",
+    ),
+    (
+        "fallback-one-uses-it",
+        [
+            'worker = "fallback"',
+            "seed = 7",
+            "[[stages.inference.members]]",
+            'kind = "anthropic"',
+            "[[stages.inference.members]]",
+            'kind = "open_ai"',
+            'base_url = "http://127.0.0.1:9"',
+        ],
+        [],
+        "",
+    ),
+    ("open_ai", ['worker = "open_ai"', 'base_url = "http://127.0.0.1:9"', 'stop = ["x"]', "seed = 1"], [], ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("lines", "unused", "kinds"), [case[1:] for case in UNUSED_PARAMETERS], ids=[c[0] for c in UNUSED_PARAMETERS]
+)
+def test_a_parameter_no_backend_uses_is_accepted_with_a_warning(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, lines: list[str], unused: list[str], kinds: str
+) -> None:
+    """A parameter default a kind has no use for is kept (a worker configure_worker swaps in
+    gets it) but said, so that nobody expects it to act on the configured worker."""
+    config = write_lines(tmp_path / "params.toml", ["[stages.inference]", *lines])
+    code, out, err = run_main(capsys, "--config", str(config), "--check-config")
+    assert code == 0, err
+    assert json.loads(out)["stages"]["inference"]["worker"] == lines[0].split('"')[1]
+    warnings = error_lines(err)
+    assert [line.split(" is set")[0] for line in warnings] == [
+        f"mcp-orchestrator: warning: stages.inference.{name}" for name in unused
+    ]
+    for line in warnings:
+        assert f"worker kind {kinds}" in line and "configure_worker swaps in" in line, line
+
+
 # ---------------------------------------------------------------------------- resolution
 
 
