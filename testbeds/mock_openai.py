@@ -10,7 +10,9 @@ It speaks the wire format the real servers speak (OpenAI, vLLM, llama.cpp's serv
   `stream_options.include_usage` is set, then `data: [DONE]`), sent chunked;
 - `GET /v1/models`: the one model; `GET /health`: `{"status":"ok"}`.
 
-The answer is fixed (ANSWER), tokens are counted as words. Run as its own process:
+The answer is fixed (ANSWER, or `--answer-json`: a JSON string literal, so a test can make
+the backend send text no UTF-8 can hold, such as a lone surrogate escape), tokens are
+counted as words. Run as its own process:
 
     .venv/bin/python -m testbeds.mock_openai --port 0 --latency-ms 20
 
@@ -36,8 +38,9 @@ IDLE_TIMEOUT_S = 300.0
 
 
 class MockOpenAI:
-    def __init__(self, latency_s: float) -> None:
+    def __init__(self, latency_s: float, answer: str = ANSWER) -> None:
         self.latency_s = latency_s
+        self.answer = answer
         self.served = 0
         self._ids = 0
 
@@ -97,7 +100,7 @@ class MockOpenAI:
             )
 
     def completion(self, request: dict[str, Any], messages: list[Any]) -> dict[str, Any]:
-        prompt_tokens, completion_tokens = _prompt_tokens(messages), len(ANSWER.split())
+        prompt_tokens, completion_tokens = _prompt_tokens(messages), len(self.answer.split())
         return {
             "id": f"chatcmpl-mock{self._ids}",
             "object": "chat.completion",
@@ -106,7 +109,7 @@ class MockOpenAI:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": ANSWER},
+                    "message": {"role": "assistant", "content": self.answer},
                     "logprobs": None,
                     "finish_reason": "stop",
                 }
@@ -127,7 +130,7 @@ class MockOpenAI:
             "created": int(time.time()),
             "model": request.get("model") or MODEL,
         }
-        words = ANSWER.split(" ")
+        words = self.answer.split(" ")
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
         deltas += [{"content": word if i == 0 else f" {word}"} for i, word in enumerate(words)]
         events = [
@@ -181,8 +184,8 @@ async def _respond(writer: asyncio.StreamWriter, status: int, body: dict[str, An
     await writer.drain()
 
 
-async def serve(host: str, port: int, latency_ms: float) -> None:
-    mock = MockOpenAI(latency_ms / 1000)
+async def serve(host: str, port: int, latency_ms: float, answer: str = ANSWER) -> None:
+    mock = MockOpenAI(latency_ms / 1000, answer)
     server = await asyncio.start_server(mock.handle, host, port, backlog=2048, limit=MAX_HEADER_BYTES)
     bound = server.sockets[0].getsockname()[1]
     print(f"mock-openai listening on http://{host}:{bound}", flush=True)
@@ -199,8 +202,11 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument("--answer-json", type=json.loads, default=ANSWER, help="the answer, as a JSON string literal")
     args = parser.parse_args()
-    asyncio.run(serve(args.host, args.port, args.latency_ms))
+    if not isinstance(args.answer_json, str) or not args.answer_json:
+        parser.error("--answer-json must be a non-empty JSON string literal")
+    asyncio.run(serve(args.host, args.port, args.latency_ms, args.answer_json))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import key_hint
+from mcp_orchestrator.workers.replies import finish_reason, token_count
 from mcp_orchestrator.workers.transport import (
     Endpoint,
     EventStream,
@@ -117,7 +118,7 @@ async def read_messages_stream(endpoint: Endpoint, events: EventStream) -> Async
             elif kind == "message_delta":
                 delta = data.get("delta")
                 if isinstance(delta, dict) and delta.get("stop_reason"):
-                    stop_reason = str(delta["stop_reason"])
+                    stop_reason = finish_reason(endpoint.backend, delta["stop_reason"], event.data)
                 usage = data.get("usage")
                 output_tokens = _count(endpoint, usage, "output_tokens", output_tokens)
                 input_tokens = _input_tokens(endpoint, usage, input_tokens)
@@ -143,23 +144,20 @@ def message_chunk(endpoint: Endpoint, answer: Any) -> Chunk:
         if isinstance(block, dict) and block.get("type") == "text"
     )
     usage = answer.get("usage")
-    reason = answer.get("stop_reason")
+    reason = finish_reason(endpoint.backend, answer.get("stop_reason"), str(answer))
     return Chunk(
         text,
         Usage(
             input_tokens=_input_tokens(endpoint, usage, 0), output_tokens=_count(endpoint, usage, "output_tokens", 0)
         ),
-        STOP_REASONS.get(reason, reason) if isinstance(reason, str) else None,
+        STOP_REASONS.get(reason, reason) if reason else None,
     )
 
 
 def _count(endpoint: Endpoint, usage: Any, name: str, current: int) -> int:
     if not isinstance(usage, dict) or usage.get(name) is None:
         return current
-    value = usage[name]
-    if not isinstance(value, int):
-        raise taxonomy.malformed(endpoint.backend, f"usage.{name} is not an integer", str(usage))
-    return value
+    return token_count(endpoint.backend, usage[name], f"usage.{name}", str(usage))
 
 
 def _input_tokens(endpoint: Endpoint, usage: Any, current: int) -> int:

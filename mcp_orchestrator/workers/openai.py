@@ -17,6 +17,7 @@ from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.base import Chunk, WorkerError, WorkerRequest
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import key_hint
+from mcp_orchestrator.workers.replies import finish_reason, token_count
 from mcp_orchestrator.workers.transport import (
     Endpoint,
     EventStream,
@@ -103,7 +104,7 @@ async def read_chat_stream(endpoint: Endpoint, events: EventStream) -> AsyncGene
                 if isinstance(text, str) and text:
                     yield Chunk(text)
                 if choice.get("finish_reason"):
-                    finish = str(choice["finish_reason"])
+                    finish = finish_reason(endpoint.backend, choice["finish_reason"], event.data)
         if done:
             await events.finish()
             break
@@ -140,8 +141,8 @@ def completion_chunk(endpoint: Endpoint, answer: Any) -> Chunk:
         raise taxonomy.malformed(endpoint.backend, "no choices[0].message in the completion", str(answer))
     text = choices[0]["message"].get("content") or ""
     usage = _usage(endpoint, answer["usage"]) if answer.get("usage") else None
-    finish = choices[0].get("finish_reason")
-    return Chunk(str(text), usage, str(finish) if finish else None)
+    finish = finish_reason(endpoint.backend, choices[0].get("finish_reason"), str(answer))
+    return Chunk(str(text), usage, finish)
 
 
 def _choices(endpoint: Endpoint, data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -155,7 +156,9 @@ def _choices(endpoint: Endpoint, data: dict[str, Any]) -> list[dict[str, Any]]:
 def _usage(endpoint: Endpoint, raw: Any) -> Usage:
     if not isinstance(raw, dict):
         raise taxonomy.malformed(endpoint.backend, "'usage' is not an object", str(raw))
-    prompt, completion = raw.get("prompt_tokens", 0), raw.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        raise taxonomy.malformed(endpoint.backend, "token counts are not integers", str(raw))
-    return Usage(input_tokens=prompt, output_tokens=completion)
+    return Usage(
+        input_tokens=token_count(endpoint.backend, raw.get("prompt_tokens", 0), "usage.prompt_tokens", str(raw)),
+        output_tokens=token_count(
+            endpoint.backend, raw.get("completion_tokens", 0), "usage.completion_tokens", str(raw)
+        ),
+    )

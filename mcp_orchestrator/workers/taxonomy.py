@@ -24,7 +24,8 @@ RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 529})
 """Besides every 5xx: timeouts, conflicts, too early, rate limited, overloaded (Anthropic's 529)."""
 MAX_MESSAGE_CHARS = 300
 log = logging.getLogger(__name__)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+# Lone surrogates too: valid in JSON, but no UTF-8 writer can send them on (replies.py).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 _HINTS = {
     401: "the backend rejected the credentials",

@@ -9,7 +9,6 @@ response's bytes as they arrive.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
@@ -24,6 +23,7 @@ from mcp_orchestrator import __version__
 from mcp_orchestrator.errors import WorkerError
 from mcp_orchestrator.workers import taxonomy
 from mcp_orchestrator.workers.options import HttpSettings
+from mcp_orchestrator.workers.replies import backend_json
 from mcp_orchestrator.workers.sse import MAX_EVENT_BYTES, SSEDecoder, SSEEvent, SSEFramingError
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ async def request_json(
             await _raise_for_status(response, endpoint)
             raw = await _read_limited(response, MAX_JSON_BODY)
     try:
-        return json.loads(raw)
+        return backend_json(raw)
     except ValueError:
         raise taxonomy.malformed(
             endpoint.backend, "the body is not JSON", raw[:200].decode("utf-8", "replace"), endpoint.secrets
@@ -312,7 +312,7 @@ async def request_json(
 def decode_event(endpoint: Endpoint, event: SSEEvent) -> dict[str, Any]:
     """The JSON object in an event's data, or a clear error."""
     try:
-        data = json.loads(event.data)
+        data = backend_json(event.data)
     except ValueError:
         raise taxonomy.malformed(endpoint.backend, "event data is not JSON", event.data, endpoint.secrets) from None
     if not isinstance(data, dict):

@@ -1,0 +1,63 @@
+"""Values read from a backend's reply, checked before they reach a result: its JSON, its
+token counts, its finish reason.
+
+A backend is not trusted to send what its API promises. JSON may carry a lone surrogate
+(`"\\ud800"` is valid JSON, but no UTF-8 text can hold it: the MCP SDK's writer then fails,
+which ends a stdio server and leaves an HTTP caller with an empty response), so every lone
+surrogate becomes U+FFFD. A token count must be a non-negative integer, not a boolean, and
+a finish reason a short string: anything else is a malformed response, not something to
+add to the totals or pass to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from mcp_orchestrator.workers import taxonomy
+
+MAX_TOKEN_COUNT = 10**9
+"""More than any context window; a larger count is not a count."""
+MAX_FINISH_REASON_CHARS = 64
+"""Providers' reasons are single words ("stop", "length", "end_turn", "tool_calls")."""
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# What a surrogate looks like escaped in JSON text: only then can json.loads return one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def backend_json(raw: str | bytes) -> Any:
+    """json.loads (ValueError as it raises), with every lone surrogate in a string replaced."""
+    data = json.loads(raw)
+    escaped = _SURROGATE_ESCAPE_BYTES.search(raw) if isinstance(raw, bytes) else _SURROGATE_ESCAPE.search(raw)
+    return _without_surrogates(data) if escaped else data
+
+
+def _without_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_without_surrogates(key): _without_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_surrogates(item) for item in value]
+    return value
+
+
+def token_count(backend: str, value: Any, name: str, sample: str) -> int:
+    """`value` as a token count; a malformed-response WorkerError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_COUNT:
+        raise taxonomy.malformed(backend, f"{name} is not a token count (an integer 0 to {MAX_TOKEN_COUNT})", sample)
+    return value
+
+
+def finish_reason(backend: str, value: Any, sample: str) -> str | None:
+    """`value` as a finish reason (None when absent or empty); malformed otherwise."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_FINISH_REASON_CHARS or not value.isprintable():
+        raise taxonomy.malformed(
+            backend, f"the finish reason is not a short text (at most {MAX_FINISH_REASON_CHARS} characters)", sample
+        )
+    return value
