@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mcp-orchestrator {__version__}")
-    parser.add_argument("--config", metavar="FILE", help="TOML config file (see README for every key)")
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (every key: docs/configuration.md)")
     parser.add_argument(
         "--check-config",
         action="store_true",
