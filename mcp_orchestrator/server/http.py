@@ -143,7 +143,7 @@ class CheckedMessages:
 def _json_post_to(scope: Scope, path: str) -> bool:
     """A POST to the MCP endpoint whose body the SDK would read as JSON, by the SDK's own rule
     (the first Content-Type header; any of its comma-separated types `application/json`);
-    other POSTs the SDK refuses with 415 unread."""
+    other POSTs the SDK refuses unread (400, 'Invalid Content-Type header')."""
     if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != path:
         return False
     content_type = Request(scope).headers.get("content-type", "")
