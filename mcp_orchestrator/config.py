@@ -13,7 +13,6 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -23,6 +22,7 @@ from mcp_orchestrator.models import MaxTokens, Temperature
 from mcp_orchestrator.resilience.breaker import BreakerSettings
 from mcp_orchestrator.resilience.retry import RetryPolicy
 from mcp_orchestrator.security import OriginRule
+from mcp_orchestrator.urls import check_url
 from mcp_orchestrator.workers.options import HttpSettings, WorkerOptions
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -260,6 +260,8 @@ class DistributedSection(_Section):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if value and not value.startswith("unix://"):
+            check_url(value, schemes=("redis", "rediss"), example="redis://127.0.0.1:6379/0", credentials=True)
         return value
 
     def url(self, environ: Mapping[str, str]) -> str | None:
@@ -376,14 +378,12 @@ class ServerSection(_Section):
 
 
 def check_oauth_url(url: str, *, https_only: bool) -> None:
-    """An OAuth URL: http(s) with a host, no query or fragment; with `https_only`, plain http only
-    on loopback (keys fetched over plain http could be swapped by anyone on the path)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL with a host, e.g. https://login.example.com/")
+    """An OAuth URL: http(s) with a host, no credentials, query or fragment; with `https_only`,
+    plain http only on loopback (keys fetched over plain http could be swapped by anyone on the path)."""
+    parts = check_url(url, schemes=("http", "https"), example="https://login.example.com/")
     if parts.query or parts.fragment:
         raise ValueError("must not have a query or fragment")
-    if https_only and parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if https_only and parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
         raise ValueError("must be https:// (plain http only for a loopback address)")
 
 

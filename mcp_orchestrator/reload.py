@@ -48,5 +48,7 @@ async def reload_on_sighup(
                 report = await reload_config(orchestrator, load, source)
             except ReloadError as exc:
                 log.error("%s", exc)
+            except Exception:  # a bug must not end a server that is serving
+                log.exception("reloading %s failed unexpectedly; the server keeps running", source)
             else:
                 log.warning("%s", report.summary())

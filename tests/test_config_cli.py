@@ -116,6 +116,29 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
     ("section-not-a-table", ["pipeline = 3"], ["pipeline", "3"]),
     ("invalid-toml", ["[pipeline", "name = 'x'"], ["invalid TOML"]),
     ("unknown-worker", ["[stages.inference]", 'worker = "gpt-9000"'], ["stages.inference", "gpt-9000", "echo"]),
+    # URLs that split but cannot be connected to crashed the start (or a SIGHUP reload) with a traceback.
+    *(
+        (
+            f"base-url-{name}",
+            ["[stages.inference]", 'worker = "llama_cpp"', f'base_url = "{url}"'],
+            ["stages.inference.base_url", "is not a URL a client can use", "1 to 65535"],
+        )
+        for name, url in [
+            ("port-text", "http://127.0.0.1:abc"),
+            ("port-range", "http://h:99999"),
+            ("ipv6", "http://[::1"),
+        ]
+    ),
+    (
+        "base-url-credentials",
+        ["[stages.inference]", 'worker = "llama_cpp"', 'base_url = "http://me:pw@127.0.0.1:8080"'],
+        ["stages.inference.base_url", "must not carry a user name or password", "[redacted]"],
+    ),
+    (
+        "redis-url-port",
+        ["[distributed]", 'redis_url = "redis://u:pw@127.0.0.1:notaport/0"'],
+        ["distributed.redis_url", "is not a URL a client can use"],
+    ),
 ]
 
 
@@ -157,6 +180,18 @@ def test_every_problem_of_a_file_gets_its_own_line(tmp_path: Path, capsys: pytes
     assert all(str(path) in line for line in lines)
 
 
+def test_a_bad_url_in_a_providers_variable_is_named_when_it_is_used(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLAMA_CPP_URL", "http://127.0.0.1:abc")
+    code, out, err = run_main(capsys, "--worker", "llama_cpp", "--check-config")
+    assert (code, out) == (EXIT_USAGE, "")
+    (line,) = error_lines(err)
+    assert "stages.inference.base_url: unset, and the environment variable LLAMA_CPP_URL is not a URL" in line
+    code, _, err = run_main(capsys, "--worker", "llama_cpp", "--base-url", "http://127.0.0.1:8080", "--check-config")
+    assert code == 0, err  # base_url set: the variable is not used
+
+
 def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nowhere.toml"
     code, _, err = run_main(capsys, "--config", str(missing))
@@ -184,6 +219,14 @@ def test_console_script_exits_non_zero_on_a_bad_file(tmp_path: Path) -> None:
         (["--port", "70000"], ["--port", "65535"]),
         (["--delay-ms", "-1"], ["--delay-ms", "greater than or equal to 0"]),
         (["--worker", "gpt-9000"], ["gpt-9000", "echo"]),
+        (
+            ["--oauth-issuer", "https://me:pw@idp.test", "--oauth-audience", "https://m.test/mcp"],
+            ["--oauth-issuer", "must not carry a user name or password"],
+        ),
+        (
+            ["--oauth-issuer", "https://idp.test", "--oauth-audience", "https://m.test:abc/mcp"],
+            ["--oauth-audience", "is not a URL a client can use"],
+        ),
     ],
 )
 def test_bad_flag_values_are_named(capsys: pytest.CaptureFixture[str], argv: list[str], fragments: list[str]) -> None:

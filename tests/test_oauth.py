@@ -445,7 +445,7 @@ def test_a_weak_static_token_is_still_refused(
         ),
         (
             {"oauth_issuer": "idp.test", "oauth_audience": "https://m.test/mcp"},
-            "server.oauth_issuer: must be an http(s)",
+            "server.oauth_issuer: must be a URL with a host, starting with http:// or https://",
         ),
         ({"oauth_scope_read": "read all"}, "server.oauth_scope_read: String should match pattern"),
         ({"oauth_required_scopes": ['a"b']}, "server.oauth_required_scopes.0: String should match pattern"),

@@ -528,6 +528,10 @@ async def test_reload_keeps_restart_keys_and_in_flight_requests_finish_on_the_ol
         ("[resilience]\nretry_atempts = 2\n", "resilience.retry_atempts: unknown key; did you mean 'retry_attempts'?"),
         ("[stages.inference]\nworker = 'nope'\n", "stages.inference.worker: unknown worker kind 'nope'"),
         ("[stages.inference]\nworker = 'llama_cpp'\nbase_url = 'http://127.0.0.1:9'\n", "health check"),
+        (
+            "[stages.inference]\nworker = 'llama_cpp'\nbase_url = 'http://127.0.0.1:99999'\n",
+            "stages.inference.base_url: is not a URL a client can use",
+        ),
         ('[stages.rag]\nsource = "tests.support_context:not_a_source"\n', "stages.rag.source: "),
         ('[stages.rag]\nsource = "tests.no_such_module:X"\n', "cannot import 'tests.no_such_module'"),
         ("[stages.rag]\nenabled = 'yes'\n", "stages.rag.enabled: Input should be a valid boolean"),

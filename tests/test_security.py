@@ -156,19 +156,26 @@ def test_a_redis_password_is_never_shown(capsys: pytest.CaptureFixture[str], tmp
 
 def test_check_config_prints_resolved_settings_redacted(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
-    path.write_text(
-        '[stages.inference]\nworker = "llama_cpp"\nbase_url = "http://user:TOPSECRET-url@127.0.0.1:9/"\n'
+    inference = '[stages.inference]\nworker = "llama_cpp"\nbase_url = "http://{}127.0.0.1:9/"\n'
+    rest = (
         "[resilience]\ncircuit_breaker_threshold = 3\n"
-        '[security]\nworker_origins = ["localhost:8080", "*.corp.example"]\n',
-        encoding="utf-8",
+        '[security]\nworker_origins = ["localhost:8080", "*.corp.example"]\n'
     )
+    path.write_text(inference.format("") + rest, encoding="utf-8")
     code = main(["--config", str(path), "--check-config"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "TOPSECRET" not in out + err
     settings = json.loads(out)
     assert settings["resilience"] == {**Config().resilience.model_dump(), "circuit_breaker_threshold": 3}
     assert settings["security"] == {"allow_configure": None, "worker_origins": ["localhost:8080", "*.corp.example"]}
+    # Credentials in a backend's URL are refused (httpx would send them instead of the API
+    # key), and the refusal does not show them.
+    path.write_text(inference.format("user:TOPSECRET-url@") + rest, encoding="utf-8")
+    code = main(["--config", str(path), "--check-config"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert "stages.inference.base_url: must not carry a user name or password" in err
+    assert "TOPSECRET" not in err
 
 
 @pytest.mark.parametrize(

@@ -290,8 +290,8 @@ def test_a_config_file_names_every_bad_member_on_its_own_line(
     lines = capsys.readouterr().err.splitlines()
     # The file's own keys, under the file's name (the worker key is `worker`, not the tool's `kind`).
     assert lines == [
-        f"mcp-orchestrator: {path}: stages.inference.members.0.base_url: must be an http:// or https:// URL "
-        'with a host, e.g. http://localhost:8080 (got "api.openai.com")',
+        f"mcp-orchestrator: {path}: stages.inference.members.0.base_url: must be a URL with a host, starting "
+        'with http:// or https://, e.g. http://localhost:8080 (got "api.openai.com")',
         f"mcp-orchestrator: {path}: stages.inference.members.1.seed: not an option of worker kind 'anthropic' "
         "(its options: api_key_env, base_url, max_tokens, model, stop, stream, system, temperature, top_p)",
     ]

@@ -6,17 +6,17 @@ a name, a type, its limits and its description live here and nowhere else. Which
 takes which option is `KIND_OPTIONS`; `CONFIG_ONLY` are the options a tool call may not
 set (they choose which secret is sent where).
 
-Depends on pydantic and models only, so the config can import it cheaply.
+Depends on pydantic, models and urls only, so the config can import it cheaply.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
 from mcp_orchestrator.models import MaxTokens, Seed, StopList, Temperature, TopP
+from mcp_orchestrator.urls import check_url
 
 Strategy = Literal["round_robin", "least_loaded", "session_affinity"]
 MemberTables = Annotated[list[dict[str, Any]], Field(min_length=1)]
@@ -72,9 +72,7 @@ class WorkerOptions(BaseModel):
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("must be an http:// or https:// URL with a host, e.g. http://localhost:8080")
+        parts = check_url(value, schemes=("http", "https"), example="http://localhost:8080")
         if parts.query or parts.fragment:
             raise ValueError("must not have a query string or fragment")
         return value

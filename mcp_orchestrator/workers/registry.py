@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from mcp_orchestrator.errors import Problem, WorkerSpecError, validation_problems
 from mcp_orchestrator.models import GenerationParams
 from mcp_orchestrator.security import Origin, OriginRule, origin_allowed
+from mcp_orchestrator.urls import check_url
 from mcp_orchestrator.workers import anthropic, llama_cpp, openai, vllm
 from mcp_orchestrator.workers.base import Worker, layer_params
 from mcp_orchestrator.workers.echo import EchoWorker
@@ -177,7 +178,7 @@ class _Provider:
 
 def _http_builder(provider: _Provider) -> Builder:
     def build(options: WorkerOptions, context: BuildContext) -> Worker:
-        env_url = context.env.get(provider.url_env) or None
+        env_url = _env_url(provider, context, used=options.base_url is None)
         base_url = provider.normalize(options.base_url or env_url or provider.default_url)
         if context.origins is not None:
             _check_reachable(base_url, context)
@@ -205,6 +206,23 @@ def _http_builder(provider: _Provider) -> Builder:
         )
 
     return build
+
+
+def _env_url(provider: _Provider, context: BuildContext, *, used: bool) -> str | None:
+    """The provider's base-URL variable when it is set and usable. Unusable: refused when the
+    worker would connect there (base_url unset), else ignored (its host then gets no key)."""
+    value = context.env.get(provider.url_env) or None
+    if value is None:
+        return None
+    try:
+        check_url(value, schemes=("http", "https"), example=provider.default_url)
+    except ValueError as exc:
+        if used:
+            raise WorkerSpecError(
+                [Problem("base_url", f"unset, and the environment variable {provider.url_env} {exc}")]
+            ) from None
+        return None
+    return value
 
 
 URL_VARIABLES = ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL", "LLAMA_CPP_URL", "VLLM_URL")
