@@ -148,7 +148,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
 
 def _where(source: str, problem: Problem, args: argparse.Namespace) -> str:
     """A problem with where it comes from: the file, or the flag that set the key."""
-    flag = FLAG_FOR_KEY.get(problem.key)
+    flag = _flag_for(problem.key)
     if source == "command line" or (flag is not None and getattr(args, _dest(flag)) is not None):
         return f"command line: {_name_flag(problem)}"
     if source in ("worker", "config"):  # checked after loading: the key came from the file
@@ -162,8 +162,14 @@ def _dest(flag: str) -> str:
 
 def _name_flag(problem: Problem) -> Problem:
     """Say '--concurrency (stages.inference.concurrency)' rather than the key alone for a bad flag value."""
-    flag = FLAG_FOR_KEY.get(problem.key)
+    flag = _flag_for(problem.key)
     return problem if flag is None else Problem(f"{flag} ({problem.key})", problem.message)
+
+
+def _flag_for(key: str) -> str | None:
+    """The flag that sets `key`, or one item of it (server.allowed_hosts.0: --allowed-host)."""
+    head, _, last = key.rpartition(".")
+    return FLAG_FOR_KEY.get(key) or (FLAG_FOR_KEY.get(head) if last.isdigit() else None)
 
 
 # The config key each flag sets; the flag's argparse dest is its name without dashes.

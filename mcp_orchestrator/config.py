@@ -9,12 +9,22 @@ that exist in the seeds but cannot do anything here are refused with the reason.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mcp_orchestrator.errors import ConfigError, Problem, validation_problems
 from mcp_orchestrator.event_loop import EventLoop, uvloop_missing
@@ -26,9 +36,60 @@ from mcp_orchestrator.urls import check_url
 from mcp_orchestrator.workers.options import HttpSettings, WorkerOptions
 
 PositiveInt = Annotated[int, Field(gt=0)]
+MAX_CONCURRENCY = 10_000
+"""Most inference tasks: each is a task of its own, started with the pipeline."""
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 ScopeName = Annotated[str, Field(pattern=r"^[\x21\x23-\x5B\x5D-\x7E]{1,128}$")]
+
+_NAME = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)"
+_PORT = r"(:(?P<port>\*|[0-9]{1,5}))?"
+_HOST_ENTRY = re.compile(f"^{_NAME}{_PORT}$")
+_ORIGIN_ENTRY = re.compile(f"^https?://{_NAME}{_PORT}$")
+_BIND_HOST = re.compile(r"^[A-Za-z0-9._:%\[\]-]+$")
+
+
+def _entry(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
+    """A check for one Host or Origin header value as the SDK matches it (exactly, or any port with :*)."""
+
+    def check(value: str) -> str:
+        match = pattern.fullmatch(value)
+        port = match.group("port") if match else None
+        if match is None or (port not in (None, "*") and not 1 <= int(port) <= 65535):
+            raise ValueError(what)
+        return value
+
+    return check
+
+
+HostEntry = Annotated[
+    str,
+    AfterValidator(
+        _entry(
+            _HOST_ENTRY,
+            "must be a Host header value: a host name or IP address, optionally :port or :* "
+            "(any port), e.g. myserver.lan or myserver.lan:8000",
+        )
+    ),
+]
+OriginEntry = Annotated[
+    str,
+    AfterValidator(
+        _entry(
+            _ORIGIN_ENTRY,
+            "must be an Origin header value: http:// or https://, a host, optionally :port or "
+            ":* (any port), nothing after it, e.g. https://app.example.com",
+        )
+    ),
+]
+
+
+def _bind_host(value: str) -> str:
+    if not _BIND_HOST.fullmatch(value):
+        raise ValueError("must be an IP address or host name to listen on, e.g. 127.0.0.1, 0.0.0.0 or ::")
+    return value
+
+
 """An OAuth scope (RFC 6749 section 3.3: printable ASCII without space, quote or backslash)."""
 
 _BREAKER = BreakerSettings()
@@ -65,6 +126,11 @@ class PipelineSection(_Section):
     """Longest prompt or system prompt accepted."""
     priority_aging_ms: PositiveInt = 10_000
     """A waiting request gains one priority level per this many milliseconds, so Low never starves."""
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> PipelineSection:
+        self._at_most("default_deadline_ms", "max_deadline_ms")
+        return self
 
 
 class _AlwaysOnStage(_Section):
@@ -119,7 +185,7 @@ class InferenceSection(WorkerOptions, _AlwaysOnStage):
     """The priority queue in front of the inference tasks; full -> shed."""
     timeout_ms: PositiveInt = 30_000
     """Longest time for the backend call, retries included (capped by the request's deadline)."""
-    concurrency: PositiveInt = 64
+    concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] = 64
     """Requests running on the backend at once."""
     worker: Annotated[str, Field(min_length=1)] = "echo"
     """The worker kind: echo, open_ai, anthropic, llama_cpp, vllm, pool or fallback."""
@@ -302,11 +368,11 @@ class BatchSection(_Section):
 
 class ServerSection(_Section):
     transport: Literal["stdio", "http"] = "stdio"
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(_bind_host)] = "127.0.0.1"
     port: Port = 8000
-    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_hosts: list[HostEntry] = Field(default_factory=list)
     """Extra Host header values (host or host:port) accepted when binding a non-loopback interface."""
-    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_origins: list[OriginEntry] = Field(default_factory=list)
     auth_token_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "MCP_ORCHESTRATOR_TOKEN"
     """Name of the environment variable holding the optional bearer token for HTTP mode."""
     max_message_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024

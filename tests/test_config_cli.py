@@ -134,6 +134,38 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
         ["[stages.inference]", 'worker = "llama_cpp"', 'base_url = "http://me:pw@127.0.0.1:8080"'],
         ["stages.inference.base_url", "must not carry a user name or password", "[redacted]"],
     ),
+    *(
+        (
+            f"allowed-host-{name}",
+            ["[server]", f"allowed_hosts = [{json.dumps(entry)}]"],
+            ["server.allowed_hosts.0", "must be a Host header value"],
+        )
+        for name, entry in [("empty", ""), ("space", "a b"), ("path", "box.lan/mcp"), ("port", "box.lan:70000")]
+    ),
+    *(
+        (
+            f"allowed-origin-{name}",
+            ["[server]", f"allowed_origins = [{json.dumps(entry)}]"],
+            ["server.allowed_origins.0", "must be an Origin header value"],
+        )
+        for name, entry in [("bare", "notanorigin"), ("empty", ""), ("path", "https://app.example/x")]
+    ),
+    ("bind-host-empty", ["[server]", 'host = ""'], ["server.host", "IP address or host name to listen on"]),
+    (
+        "http-timeout-inf",
+        ["[stages.inference.http]", "read_timeout_s = inf"],
+        ["stages.inference.http.read_timeout_s", "finite number"],
+    ),
+    (
+        "default-deadline-over-max",
+        ["[pipeline]", "default_deadline_ms = 700000"],
+        ["pipeline", "default_deadline_ms (700000) must not be greater than max_deadline_ms (600000)"],
+    ),
+    (
+        "concurrency-huge",
+        ["[stages.inference]", "concurrency = 1000000"],
+        ["stages.inference.concurrency", "less than or equal to 10000"],
+    ),
     (
         "redis-url-port",
         ["[distributed]", 'redis_url = "redis://u:pw@127.0.0.1:notaport/0"'],
@@ -215,7 +247,7 @@ def test_console_script_exits_non_zero_on_a_bad_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["--concurrency", "0"], ["--concurrency", "greater than 0"]),
+        (["--concurrency", "0"], ["--concurrency", "greater than or equal to 1"]),
         (["--port", "70000"], ["--port", "65535"]),
         (["--delay-ms", "-1"], ["--delay-ms", "greater than or equal to 0"]),
         (["--worker", "gpt-9000"], ["gpt-9000", "echo"]),
@@ -376,7 +408,9 @@ def test_non_loopback_host_needs_allowed_hosts(capsys: pytest.CaptureFixture[str
     (line,) = error_lines(err)
     assert "0.0.0.0" in line
     assert "loopback" in line
-    assert "--allowed-host" in line
+    assert "--allowed-host" in line and "server.allowed_hosts" in line  # the file's key too
+    code, _, err = run_main(capsys, "--transport", "http", "--host", "0.0.0.0", "--allowed-host", "", "--check-config")
+    assert code == EXIT_USAGE and "--allowed-host (server.allowed_hosts.0)" in err  # no empty name passes the rule
 
     flags = ("--transport", "http", "--host", "0.0.0.0", "--allowed-host", "box.lan", "--insecure-no-auth")
     settings = resolved(capsys, *flags)

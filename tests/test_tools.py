@@ -258,7 +258,7 @@ async def test_configure_worker_can_be_disabled() -> None:
         before = await status_of(client)
         result = await client.call_tool("configure_worker", {"kind": "echo", "model": "other"})
         after = await status_of(client)
-    assert "allow_configure" in error_text(result)
+    assert "disabled by [security] allow_configure (false); set it to true to offer it" in error_text(result)
     assert after["worker"] == before["worker"]
 
 
@@ -381,3 +381,11 @@ def test_any_infer_arguments_give_a_result_or_a_clear_error_and_nothing_else(arg
             assert totals["completed"] == 1
 
     anyio.run(check)
+
+
+async def test_configure_worker_is_off_over_http_unless_allowed_and_says_so() -> None:
+    async with running(make_config(server={"transport": "http"})) as (_, client):
+        listed = {tool.name for tool in (await client.list_tools()).tools}
+        result = await client.call_tool("configure_worker", {"kind": "echo", "model": "other"})
+    assert "configure_worker" not in listed
+    assert "allow_configure (unset, which means off over HTTP); set it to true" in error_text(result)

@@ -63,8 +63,8 @@ def security_settings(host: str, extra_hosts: list[str], extra_origins: list[str
     """
     if not is_loopback(host) and not extra_hosts:
         raise BindError(
-            f"--host {host} is not a loopback address: list the host names clients will use with "
-            "--allowed-host NAME (repeatable), e.g. --allowed-host myserver.lan:8000"
+            f"--host / server.host {host} is not a loopback address: list the host names clients will use in "
+            "server.allowed_hosts or with --allowed-host NAME (repeatable), e.g. --allowed-host myserver.lan:8000"
         )
     hosts = [f"{name}:*" for name in LOOPBACK_NAMES] + list(LOOPBACK_NAMES)
     origins = [f"http://{name}:*" for name in LOOPBACK_NAMES] + [f"http://{name}" for name in LOOPBACK_NAMES]

@@ -471,7 +471,9 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
             )(configure_worker)
         elif offered and not offer:
             server.remove_tool("configure_worker")
-        reason = "configure_worker is disabled by [security] allow_configure (off by default over HTTP)"
+        setting = orchestrator.config.security.allow_configure
+        why = "unset, which means off over HTTP" if setting is None else "false"
+        reason = f"configure_worker is disabled by [security] allow_configure ({why}); set it to true to offer it"
         arguments.withdraw("configure_worker", None if offer else reason)
         offered = offer
 

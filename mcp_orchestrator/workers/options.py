@@ -21,6 +21,8 @@ from mcp_orchestrator.urls import check_url
 Strategy = Literal["round_robin", "least_loaded", "session_affinity"]
 MemberTables = Annotated[list[dict[str, Any]], Field(min_length=1)]
 Millis = Annotated[int, Strict(), Field(ge=0, le=600_000)]
+Seconds = Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
+"""An HTTP client timeout: finite (inf would mean none at all), an hour at most."""
 
 
 class WorkerOptions(BaseModel):
@@ -128,12 +130,12 @@ class HttpSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
 
-    connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    read_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    connect_timeout_s: Seconds = 5.0
+    read_timeout_s: Seconds = 60.0
     """Longest silence between two pieces of an answer (so also the longest wait for the first token)."""
-    write_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    pool_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    write_timeout_s: Seconds = 10.0
+    pool_timeout_s: Seconds = 5.0
     """Longest wait for a free connection when all max_connections are busy."""
     max_connections: Annotated[int, Field(gt=0)] = 100
     max_keepalive_connections: Annotated[int, Field(ge=0)] = 20
-    keepalive_expiry_s: Annotated[float, Field(gt=0)] = 30.0
+    keepalive_expiry_s: Seconds = 30.0
