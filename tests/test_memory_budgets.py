@@ -90,6 +90,17 @@ def test_a_smaller_dead_letter_budget_applies_at_once_and_keeps_the_newest() -> 
     assert entry is not None and letters.held_bytes == entry.size
 
 
+def test_a_letter_is_claimed_for_replay_once_and_the_claim_goes_with_the_letter() -> None:
+    letters = DeadLetterQueue(capacity=2, max_bytes=10 * MIB)
+    first = letters.add("r0", Submission(prompt="first"), "inference", "worker_error", "no")
+    assert letters.claim(first.id) and not letters.claim(first.id)
+    assert not letters.claim("dl-404")  # nothing to replay
+    for index in (1, 2):  # the first letter is dropped from the ring, and its claim with it
+        letters.add(f"r{index}", Submission(prompt=f"p{index}"), "inference", "worker_error", "no")
+    assert letters.get(first.id) is None and not letters.claim(first.id)
+    assert letters._replayed == set()  # nothing kept for a dropped letter
+
+
 def test_the_cache_refuses_an_answer_larger_than_its_whole_budget() -> None:
     cache: ResultCache[str] = ResultCache(10, 60, max_bytes=1000, size_of=len)
     cache.put("small", "s" * 400)

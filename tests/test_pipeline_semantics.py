@@ -139,6 +139,7 @@ async def test_full_inference_queue_sheds_with_a_dead_letter_that_replays() -> N
                 blocker.scope.cancel()
                 await queued.done.wait()
                 replayed = await client.call_tool("replay_dead_letter", {"id": "dl-1"})
+                again = await client.call_tool("replay_dead_letter", {"id": "dl-1"})
         totals = await totals_of(client)
     assert blocker.cancelled
     assert queued.result is not None and not queued.result.is_error, queued.result
@@ -147,6 +148,8 @@ async def test_full_inference_queue_sheds_with_a_dead_letter_that_replays() -> N
     assert replayed.content[0].text == "one too"
     assert replayed.structured_content is not None
     assert replayed.structured_content["text"] == "one too"
+    # A letter is replayed once, as with Redis (a second replay could repeat a side effect).
+    assert "dead letter dl-1 not replayed: already replayed by this process" in error_text(again)
     assert totals["submitted"] == 4
     assert totals["shed"] == 1
     assert totals["cancelled"] == 1

@@ -37,6 +37,8 @@ class DeadLetterQueue:
         self._capacity = capacity
         self._max_bytes = max_bytes
         self._entries: OrderedDict[str, DeadLetterEntry] = OrderedDict()
+        self._replayed: set[str] = set()
+        """Ids whose one replay was claimed here (without Redis; forgotten with the letter)."""
         self._ids = itertools.count(1)
         self.held_bytes = 0
         self.dropped = 0
@@ -69,7 +71,8 @@ class DeadLetterQueue:
     def _trim(self) -> None:
         entries = self._entries
         while len(entries) > self._capacity or (self.held_bytes > self._max_bytes and len(entries) > 1):
-            _, oldest = entries.popitem(last=False)
+            dropped_id, oldest = entries.popitem(last=False)
+            self._replayed.discard(dropped_id)
             self.held_bytes -= oldest.size
             self.dropped += 1
 
@@ -114,6 +117,13 @@ class DeadLetterQueue:
 
     def get(self, letter_id: str) -> DeadLetterEntry | None:
         return self._entries.get(letter_id)
+
+    def claim(self, letter_id: str) -> bool:
+        """Claim the one replay of a letter this queue holds; False when it was claimed already."""
+        if letter_id in self._replayed or letter_id not in self._entries:
+            return False
+        self._replayed.add(letter_id)
+        return True
 
     def list(
         self, limit: int, reason: DeadLetterReason | None = None, session_id: str | None = None

@@ -26,7 +26,7 @@ from anyio.abc import TaskGroup
 from prometheus_client.core import Metric
 
 from mcp_orchestrator.config import Config
-from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning, RequestError
+from mcp_orchestrator.errors import DeadlineExceeded, PipelineNotRunning, ReplayRefused, RequestError
 from mcp_orchestrator.event_loop import EventLoopName, running_loop
 from mcp_orchestrator.metrics import Metrics
 from mcp_orchestrator.models import (
@@ -191,10 +191,12 @@ class Pipeline:
         return sharing
 
     async def claim_replay(self, letter_id: str) -> None:
-        """When sharing through Redis: claim the one replay of a dead letter across every
-        process (ReplayRefused when another replay has it). Without sharing: nothing to do."""
+        """Claim the one replay of a dead letter: across every process when sharing through
+        Redis, else in this one (ReplayRefused when another replay has it)."""
         if self.sharing is not None:
             await self.sharing.claim_replay(letter_id)
+        elif not self.dead_letters.claim(letter_id):
+            raise ReplayRefused(letter_id, "already replayed by this process")
 
     @asynccontextmanager
     async def _run_shared(self) -> AsyncIterator[None]:
