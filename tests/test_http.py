@@ -4,6 +4,7 @@ DNS-rebinding protection and the optional bearer token."""
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from tests.support_processes import DEFAULT_LOOP, HttpServer, http_server
+from tests.support_processes import DEFAULT_LOOP, HttpServer, http_server, wait_for_text
 
 pytestmark = pytest.mark.anyio
 
@@ -232,6 +233,22 @@ async def test_mcp_client_without_the_token_is_refused(guarded_server: HttpServe
 
 def test_server_logs_went_to_its_stderr(server: HttpServer) -> None:
     assert "MCP at http://127.0.0.1:" in server.stderr()
+
+
+def test_a_client_leaving_mid_body_is_not_an_error(tmp_path: Path) -> None:
+    """Nobody is left to answer; it logged an ERROR with a ClientDisconnect traceback."""
+    with http_server("--worker", "echo", "--log-level", "debug", workdir=tmp_path) as alone:
+        head = (
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{alone.port}\r\nContent-Type: application/json\r\n"
+            "Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", alone.port), timeout=5) as sock:
+            sock.sendall(head.encode() + b'{"jsonrpc":')
+        wait_for_text(alone.stderr_path, "HTTP client left before its request body ended")
+        with httpx2.Client(timeout=5.0) as http:
+            assert http.get(f"{alone.base_url}/healthz").status_code == 200
+        stderr = alone.stderr()
+    assert "Traceback" not in stderr and "ERROR" not in stderr, stderr
 
 
 # ---------------------------------------------------------------------------- bad JSON-RPC messages

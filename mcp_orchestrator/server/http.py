@@ -124,8 +124,10 @@ class CheckedMessages:
             await self.app(scope, receive, send)
             return
         read, body = await read_body(receive, self.limit)
-        if body is None and read[-1]["type"] != "http.request":  # the client went away: nobody to answer
-            await self.app(scope, replaying(read, receive), send)
+        if body is None and read[-1]["type"] != "http.request":
+            # The client went away mid-body: nobody to answer, and no message reached the SDK
+            # (which would log a ClientDisconnect traceback as an error).
+            log.debug("HTTP client left before its request body ended")
             return
         rejection = (
             check(body.decode("utf-8", "replace"))
