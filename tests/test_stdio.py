@@ -434,6 +434,28 @@ def test_a_bad_message_gets_the_error_json_rpc_gives_and_the_server_goes_on(
     assert "WARNING" in stderr and words in stderr, stderr  # each rejection is logged
 
 
+BAD_PARAMS = [
+    ({"name": "infer", "arguments": "text"}, "arguments: Input should be a valid dictionary"),
+    ({"name": 123, "arguments": {}}, "name: Input should be a valid string"),
+    ({"name": "infer", "arguments": {"prompt": "x"}, "_meta": {"progressToken": {"a": 1}}}, "_meta.progressToken"),
+]
+
+
+def test_params_the_sdk_refuses_are_answered_naming_the_field(tmp_path: Path) -> None:
+    """The SDK's own answer was a bare "Invalid request parameters" with data "" (server/params.py)."""
+    with raw_stdio(stderr_path=tmp_path / "stderr.log") as raw:
+        initialize(raw)
+        errors = []
+        for request_id, (params, _) in enumerate(BAD_PARAMS, start=10):
+            raw.send(jsonrpc(request_id, "tools/call", params))
+            errors.append(answer_to(raw, request_id)["error"])
+        assert_still_serving(raw, submitted=1)
+    for error, (_, words) in zip(errors, BAD_PARAMS, strict=True):
+        assert error["code"] == INVALID_PARAMS
+        assert error["message"].startswith("Invalid request parameters: ") and words in error["message"], error
+        assert words in error["data"], error
+
+
 def test_nesting_up_to_the_limit_is_served(tmp_path: Path) -> None:
     """128 levels reach the tool (which refuses a list of lists as `stop`): the limit is not lower."""
     with raw_stdio(stderr_path=tmp_path / "stderr.log") as raw:

@@ -67,6 +67,7 @@ from mcp_orchestrator.server.outputs import (
     JobOutput,
     WorkerDescription,
 )
+from mcp_orchestrator.server.params import ParamsDetail
 from mcp_orchestrator.server.progress import Reporter, with_heartbeat, with_progress
 from mcp_orchestrator.server.tasks import TasksExtension
 from mcp_orchestrator.workers.options import CONFIG_ONLY, WorkerOptions
@@ -479,6 +480,7 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
 
     offer_configure_worker(orchestrator.configure_allowed)
     server.middleware.append(arguments)
+    server.middleware.append(ParamsDetail())
     return Surface(server, offer_configure_worker)
 
 
