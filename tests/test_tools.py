@@ -389,3 +389,33 @@ async def test_configure_worker_is_off_over_http_unless_allowed_and_says_so() ->
         result = await client.call_tool("configure_worker", {"kind": "echo", "model": "other"})
     assert "configure_worker" not in listed
     assert "allow_configure (unset, which means off over HTTP); set it to true" in error_text(result)
+
+
+async def test_every_problem_of_a_call_is_named_in_one_answer() -> None:
+    """Item problems and member problems were held back until the arguments model's own were fixed."""
+    config = make_config(pipeline={"max_prompt_chars": 10}, security={"allow_configure": True})
+    async with running(config) as (_, client):
+        batch = await client.call_tool(
+            "batch_infer", {"items": [{"prompt": "  "}, {"prompt": "x" * 20}], "temperature": 5}
+        )
+        pool = await client.call_tool(
+            "configure_worker",
+            {
+                "kind": "pool",
+                "strategy": "bad",
+                "replicas": [{"kind": "echo", "base_url": "http://x"}, {"nokind": 1}, "x"],
+            },
+        )
+    assert [problem.split(":")[0] for problem in error_text(batch).split(": ", 1)[1].split("; ")] == [
+        "temperature",
+        "items.0.prompt",
+        "items.1.prompt",
+    ]
+    text = error_text(pool)
+    for key in (
+        "strategy:",
+        "replicas.2:",
+        "replicas.0.base_url: not an option of worker kind 'echo'",
+        "replicas.1.kind:",
+    ):
+        assert key in text, text

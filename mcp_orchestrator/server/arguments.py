@@ -112,6 +112,12 @@ class ArgumentCheck:
             problems = validation_problems(exc, "argument", lambda loc: None if loc else allowed)
         extra = self._extra.get(tool)
         if problems and extra is not None:
-            named = {problem.key.split(".")[0] for problem in problems}
-            problems += [problem for problem in extra(arguments) if problem.key.split(".")[0] not in named]
+            named = [problem.key for problem in problems]
+            problems += [problem for problem in extra(arguments) if not _under_any(problem.key, named)]
         return invalid_arguments(tool, problems) if problems else None
+
+
+def _under_any(key: str, named: list[str]) -> bool:
+    """Whether `key` is one of `named` or inside one (replicas.3.kind is inside replicas.3, not
+    inside replicas.0): a problem already said is not said again."""
+    return any(key == other or key.startswith(f"{other}.") for other in named)

@@ -3,6 +3,7 @@ job), progress as items done of the total, and the result's shape."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -96,22 +97,40 @@ def batch_submissions(
     if prompts is not None:
         return [shared.model_copy(update={"prompt": prompt}) for prompt in prompts]
     assert items is not None
-    problems = [problem for index, item in enumerate(items) for problem in item_problems(index, item, max_chars)]
+    texts = [{"prompt": item.prompt, "system": item.system} for item in items]
+    problems = [problem for index, item in enumerate(texts) for problem in item_problems(index, item, max_chars)]
     if problems:
         raise ConfigError("batch_infer", problems)
     return [item_submission(shared, item) for item in items]
 
 
-def item_problems(index: int, item: BatchItem, max_chars: int) -> list[Problem]:
+def item_problems(index: int, item: Mapping[str, Any], max_chars: int) -> list[Problem]:
+    """What is wrong with an item's prompt and system prompt beyond their type (a value that is
+    not text is the arguments model's to report)."""
     problems = []
-    for name, text in (("prompt", item.prompt), ("system", item.system)):
-        if text is None:
+    for name in ("prompt", "system"):
+        text = item.get(name)
+        if not isinstance(text, str):
             continue
         if len(text) > max_chars:
             problems.append(Problem(f"items.{index}.{name}", f"at most {max_chars} characters (got {len(text)})"))
         elif blank(text):
             problems.append(Problem(f"items.{index}.{name}", "must contain some non-whitespace text"))
     return problems
+
+
+def raw_item_problems(arguments: Mapping[str, Any], max_chars: int) -> list[Problem]:
+    """item_problems of a call's raw `items`, so that they are named along with the problems
+    the arguments model finds (which stop the tool from running)."""
+    items = arguments.get("items")
+    if not isinstance(items, list):
+        return []
+    return [
+        problem
+        for index, item in enumerate(items)
+        if isinstance(item, dict)
+        for problem in item_problems(index, item, max_chars)
+    ]
 
 
 def item_submission(shared: Submission, item: BatchItem) -> Submission:

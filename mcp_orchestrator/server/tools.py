@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from mcp_orchestrator import __version__
-from mcp_orchestrator.errors import ConfigError, OrchestratorError, Problem, WorkerError, WorkerSpecError
+from mcp_orchestrator.errors import ConfigError, OrchestratorError, Problem, WorkerError
 from mcp_orchestrator.models import (
     BatchItem,
     DeadLetterReason,
@@ -56,7 +56,7 @@ from mcp_orchestrator.server.background import (
     queued_result,
     status_result,
 )
-from mcp_orchestrator.server.batching import batch_submissions, run_batch_call
+from mcp_orchestrator.server.batching import batch_submissions, raw_item_problems, run_batch_call
 from mcp_orchestrator.server.header_schemas import check_declared_headers_only
 from mcp_orchestrator.server.identity import owner_of
 from mcp_orchestrator.server.outputs import (
@@ -71,7 +71,7 @@ from mcp_orchestrator.server.params import ParamsDetail
 from mcp_orchestrator.server.progress import Reporter, with_heartbeat, with_progress
 from mcp_orchestrator.server.tasks import TasksExtension
 from mcp_orchestrator.workers.options import CONFIG_ONLY, WorkerOptions
-from mcp_orchestrator.workers.registry import BuildContext, parse_options, summaries
+from mcp_orchestrator.workers.registry import BuildContext, spec_problems, summaries
 
 if TYPE_CHECKING:
     from mcp_orchestrator.orchestrator import Orchestrator
@@ -261,7 +261,11 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         await anyio.lowlevel.checkpoint()  # let it submit its request: the answer says where it is
         return queued_result(job, orchestrator.pipeline, config.tasks.poll_interval_ms)
 
+    def batch_item_problems(arguments: dict[str, Any]) -> list[Problem]:
+        return raw_item_problems(arguments, orchestrator.config.pipeline.max_prompt_chars)
+
     @tool(
+        batch_item_problems,
         title="Run many prompts through the LLM pipeline",
         annotations=ToolAnnotations(
             read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=True
@@ -485,16 +489,13 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
 
 
 def _worker_option_problems(arguments: dict[str, Any]) -> list[Problem]:
-    """Which options the chosen worker kind takes (checked with the other argument problems)."""
+    """Which options the chosen worker kind (and each member's) takes, checked with the other
+    argument problems."""
     kind = arguments.get("kind")
     if not isinstance(kind, str):
         return []
     options = {name: value for name, value in arguments.items() if name != "kind"}
-    try:
-        parse_options(kind, options, BuildContext(trusted=False))
-    except WorkerSpecError as exc:
-        return list(exc.problems)
-    return []
+    return spec_problems(kind, options, BuildContext(trusted=False))
 
 
 def _configure_worker_signature() -> inspect.Signature:

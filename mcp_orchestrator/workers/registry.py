@@ -10,7 +10,7 @@ each with its own `kind`, validated by the same rules (errors say which member i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -129,12 +129,9 @@ def build_members(name: str, tables: list[dict[str, Any]], context: BuildContext
     inner = replace(context, depth=context.depth + 1)
     members: list[Worker] = []
     problems: list[Problem] = []
-    for index, table in enumerate(tables):
-        options = dict(table)
-        kind = options.pop("kind", None)
-        position = f"{name}.{index}."
-        if not isinstance(kind, str):
-            problems.append(Problem(f"{position}kind", f"required, one of {', '.join(kinds())}"))
+    for position, kind, options in _members(name, tables):
+        if kind is None:
+            problems.append(_no_kind(position))
             continue
         try:
             members.append(build_worker(kind, options, inner))
@@ -143,6 +140,44 @@ def build_members(name: str, tables: list[dict[str, Any]], context: BuildContext
     if problems:
         raise WorkerSpecError(problems)
     return members
+
+
+def spec_problems(kind: str, options: Mapping[str, Any], context: BuildContext) -> list[Problem]:
+    """Every problem of `kind`'s options and, for a pool or a fallback chain, of each member's,
+    found without building anything (so that one answer to a tool call names them all)."""
+    try:
+        parse_options(kind, options, context)
+        problems: list[Problem] = []
+    except WorkerSpecError as exc:
+        problems = list(exc.problems)
+    if context.depth >= MAX_DEPTH:
+        return problems
+    inner = replace(context, depth=context.depth + 1)
+    for name in ("replicas", "members"):
+        tables = options.get(name)
+        if name not in KIND_OPTIONS.get(kind, frozenset()) or not isinstance(tables, list):
+            continue
+        for position, member_kind, member_options in _members(name, tables):
+            if member_kind is None:
+                problems.append(_no_kind(position))
+            else:
+                problems += [problem.under(position) for problem in spec_problems(member_kind, member_options, inner)]
+    return problems
+
+
+def _members(name: str, tables: list[Any]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """Each member table's position ("replicas.0."), kind (None: missing) and other options;
+    tables that are not tables are skipped (their type error is reported with the others)."""
+    for index, table in enumerate(tables):
+        if not isinstance(table, dict):
+            continue
+        options = dict(table)
+        kind = options.pop("kind", None)
+        yield f"{name}.{index}.", kind if isinstance(kind, str) else None, options
+
+
+def _no_kind(position: str) -> Problem:
+    return Problem(f"{position}kind", f"required, one of {', '.join(kinds())}")
 
 
 # ------------------------------------------------------------------ the kinds
