@@ -99,14 +99,31 @@ _RETRY = RetryPolicy()
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
 
-    def _at_most(self, lower: str, upper: str) -> None:
-        """Key `lower` must not be greater than key `upper` of this section (ValueError naming both)."""
-        low, high = getattr(self, lower), getattr(self, upper)
-        if low > high:
-            raise ValueError(f"{lower} ({low}) must not be greater than {upper} ({high})")
+    AT_MOST: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """(lower, upper) key pairs: lower must not be greater than upper."""
+
+    @field_validator("*")
+    @classmethod
+    def _within_its_pair(cls, value: Any, info: ValidationInfo) -> Any:
+        """Check a pair once its second key is validated (the later one as declared; a single key
+        when it is assigned), as a field check: so the pair's error comes with every other error
+        of the file instead of only once they are fixed, as a model check's would."""
+        for lower, upper in cls.AT_MOST:
+            pair = {lower, upper}
+            if info.field_name not in pair:
+                continue
+            (other,) = pair - {info.field_name}
+            if other not in info.data:  # declared later (its own check sees this one), or invalid
+                continue
+            low, high = (value, info.data[upper]) if info.field_name == lower else (info.data[lower], value)
+            if low > high:
+                raise ValueError(f"{lower} ({low}) must not be greater than {upper} ({high})")
+        return value
 
 
 class PipelineSection(_Section):
+    AT_MOST = (("default_deadline_ms", "max_deadline_ms"),)
+
     name: Annotated[str, Field(min_length=1, max_length=128)] = "mcp-orchestrator"
     """The MCP server's name (serverInfo.name, what clients show)."""
     version: Annotated[str, Field(min_length=1, max_length=64)] | None = None
@@ -126,11 +143,6 @@ class PipelineSection(_Section):
     """Longest prompt or system prompt accepted."""
     priority_aging_ms: PositiveInt = 10_000
     """A waiting request gains one priority level per this many milliseconds, so Low never starves."""
-
-    @model_validator(mode="after")
-    def _default_within_max(self) -> PipelineSection:
-        self._at_most("default_deadline_ms", "max_deadline_ms")
-        return self
 
 
 class _AlwaysOnStage(_Section):
@@ -220,6 +232,8 @@ class StagesSection(_Section):
 
 
 class ResilienceSection(_Section):
+    AT_MOST = (("retry_base_ms", "retry_max_ms"),)
+
     retry_attempts: Annotated[int, Field(ge=0, le=20)] = _RETRY.retries
     """Retries after the first call, for retryable failures only."""
     retry_base_ms: PositiveInt = round(_RETRY.base_s * 1000)
@@ -236,11 +250,6 @@ class ResilienceSection(_Section):
     circuit_breaker_probes: Annotated[int, Field(ge=1, le=100)] = _BREAKER.probes
     """Calls a half-open breaker lets through to judge the backend (it closes when
     circuit_breaker_success_rate of them succeed)."""
-
-    @model_validator(mode="after")
-    def _base_not_above_max(self) -> ResilienceSection:
-        self._at_most("retry_base_ms", "retry_max_ms")
-        return self
 
     def breaker_settings(self) -> BreakerSettings:
         return BreakerSettings(
@@ -340,6 +349,8 @@ class DistributedSection(_Section):
 class TasksSection(_Section):
     """Long calls: the MCP tasks extension and background requests (docs/tools.md, "Long calls")."""
 
+    AT_MOST = (("max_open_per_caller", "max_open"),)
+
     inline_ms: Annotated[int, Field(ge=0, le=50_000)] = 5_000
     """A task-capable call waits this long for its answer before it becomes a task (0: at once)."""
     ttl_s: Annotated[float, Field(ge=1, le=86_400, allow_inf_nan=False)] = 900
@@ -353,11 +364,6 @@ class TasksSection(_Section):
     max_kept_bytes: Annotated[int, Field(ge=1024 * 1024)] = 64 * 1024 * 1024
     """Memory the results of ended tasks may hold; the oldest ended are dropped first. At least 1 MiB."""
 
-    @model_validator(mode="after")
-    def _per_caller_within_total(self) -> TasksSection:
-        self._at_most("max_open_per_caller", "max_open")
-        return self
-
 
 class BatchSection(_Section):
     max_items: Annotated[int, Field(ge=1, le=10_000)] = 100
@@ -367,6 +373,8 @@ class BatchSection(_Section):
 
 
 class ServerSection(_Section):
+    AT_MOST = (("max_sessions_per_client", "max_sessions"),)
+
     transport: Literal["stdio", "http"] = "stdio"
     host: Annotated[str, AfterValidator(_bind_host)] = "127.0.0.1"
     port: Port = 8000
@@ -435,11 +443,6 @@ class ServerSection(_Section):
         for name in ("oauth_audience", "oauth_jwks_url"):
             if getattr(self, name) is not None and self.oauth_issuer is None:
                 raise ValueError(f"{name} needs oauth_issuer (the authorization server whose tokens are accepted)")
-        return self
-
-    @model_validator(mode="after")
-    def _per_client_within_total(self) -> ServerSection:
-        self._at_most("max_sessions_per_client", "max_sessions")
         return self
 
 

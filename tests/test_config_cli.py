@@ -224,6 +224,20 @@ def test_a_bad_url_in_a_providers_variable_is_named_when_it_is_used(
     assert code == 0, err  # base_url set: the variable is not used
 
 
+def test_a_pair_out_of_order_is_named_along_with_the_other_problems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pair of keys checked together was reported only once the section's other errors were fixed."""
+    lines = ["[resilience]", "retry_attempts = 21", "retry_base_ms = 6000", "retry_max_ms = 5000"]
+    path = write_lines(tmp_path / "pairs.toml", [*lines, "[tasks]", "max_open = 10", "max_open_per_caller = 20"])
+    code, _, err = run_main(capsys, "--config", str(path))
+    assert code == EXIT_USAGE
+    found = [line.split(": ")[2] for line in error_lines(err)]
+    assert found == ["resilience.retry_attempts", "resilience.retry_max_ms", "tasks.max_open_per_caller"], err
+    assert "retry_base_ms (6000) must not be greater than retry_max_ms (5000)" in err
+    assert "max_open_per_caller (20) must not be greater than max_open (10)" in err
+
+
 def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nowhere.toml"
     code, _, err = run_main(capsys, "--config", str(missing))
