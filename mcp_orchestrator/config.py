@@ -8,10 +8,8 @@ that exist in the seeds but cannot do anything here are refused with the reason.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -26,13 +24,13 @@ from pydantic import (
     model_validator,
 )
 
+from mcp_orchestrator.addresses import bind_host, check_oauth_url, check_url, host_entry, origin_entry
 from mcp_orchestrator.errors import ConfigError, Problem, validation_problems
 from mcp_orchestrator.event_loop import EventLoop, uvloop_missing
 from mcp_orchestrator.models import MaxTokens, Temperature
 from mcp_orchestrator.resilience.breaker import BreakerSettings
 from mcp_orchestrator.resilience.retry import RetryPolicy
 from mcp_orchestrator.security import OriginRule
-from mcp_orchestrator.urls import check_url
 from mcp_orchestrator.workers.options import HttpSettings, WorkerOptions
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -42,55 +40,9 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 ScopeName = Annotated[str, Field(pattern=r"^[\x21\x23-\x5B\x5D-\x7E]{1,128}$")]
 
-_NAME = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)"
-_PORT = r"(:(?P<port>\*|[0-9]{1,5}))?"
-_HOST_ENTRY = re.compile(f"^{_NAME}{_PORT}$")
-_ORIGIN_ENTRY = re.compile(f"^https?://{_NAME}{_PORT}$")
-_BIND_HOST = re.compile(r"^[A-Za-z0-9._:%\[\]-]+$")
-
-
-def _entry(pattern: re.Pattern[str], what: str) -> Callable[[str], str]:
-    """A check for one Host or Origin header value as the SDK matches it (exactly, or any port with :*)."""
-
-    def check(value: str) -> str:
-        match = pattern.fullmatch(value)
-        port = match.group("port") if match else None
-        if match is None or (port not in (None, "*") and not 1 <= int(port) <= 65535):
-            raise ValueError(what)
-        return value
-
-    return check
-
-
-HostEntry = Annotated[
-    str,
-    AfterValidator(
-        _entry(
-            _HOST_ENTRY,
-            "must be a Host header value: a host name or IP address, optionally :port or :* "
-            "(any port), e.g. myserver.lan or myserver.lan:8000",
-        )
-    ),
-]
-OriginEntry = Annotated[
-    str,
-    AfterValidator(
-        _entry(
-            _ORIGIN_ENTRY,
-            "must be an Origin header value: http:// or https://, a host, optionally :port or "
-            ":* (any port), nothing after it, e.g. https://app.example.com",
-        )
-    ),
-]
-
-
-def _bind_host(value: str) -> str:
-    if not _BIND_HOST.fullmatch(value):
-        raise ValueError("must be an IP address or host name to listen on, e.g. 127.0.0.1, 0.0.0.0 or ::")
-    return value
-
-
 """An OAuth scope (RFC 6749 section 3.3: printable ASCII without space, quote or backslash)."""
+HostEntry = Annotated[str, AfterValidator(host_entry)]
+OriginEntry = Annotated[str, AfterValidator(origin_entry)]
 
 _BREAKER = BreakerSettings()
 _RETRY = RetryPolicy()
@@ -376,7 +328,7 @@ class ServerSection(_Section):
     AT_MOST = (("max_sessions_per_client", "max_sessions"),)
 
     transport: Literal["stdio", "http"] = "stdio"
-    host: Annotated[str, AfterValidator(_bind_host)] = "127.0.0.1"
+    host: Annotated[str, AfterValidator(bind_host)] = "127.0.0.1"
     port: Port = 8000
     allowed_hosts: list[HostEntry] = Field(default_factory=list)
     """Extra Host header values (host or host:port) accepted when binding a non-loopback interface."""
@@ -444,23 +396,6 @@ class ServerSection(_Section):
             if getattr(self, name) is not None and self.oauth_issuer is None:
                 raise ValueError(f"{name} needs oauth_issuer (the authorization server whose tokens are accepted)")
         return self
-
-
-def check_oauth_url(url: str, *, https_only: bool) -> None:
-    """An OAuth URL: http(s) with a host, no credentials, query or fragment; with `https_only`,
-    plain http only on loopback (keys fetched over plain http could be swapped by anyone on the path)."""
-    parts = check_url(url, schemes=("http", "https"), example="https://login.example.com/")
-    if parts.query or parts.fragment:
-        raise ValueError("must not have a query or fragment")
-    if https_only and parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
-        raise ValueError("must be https:// (plain http only for a loopback address)")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 DEFAULT_WORKER_ORIGINS = (

@@ -12,7 +12,6 @@ a 2026-07-28 call that asked for no progress is answered without the SDK's per-c
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
@@ -21,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mcp_orchestrator.addresses import is_loopback
 from mcp_orchestrator.config import ServerSection
 from mcp_orchestrator.errors import BindError
 from mcp_orchestrator.orchestrator import Orchestrator
@@ -44,15 +44,6 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 HTTP_PROTOCOL = OrchestratorH11Protocol
 """uvicorn's `http=` for the MCP server: quiet calls need its ClientGone to be cancelled when their client leaves."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def security_settings(host: str, extra_hosts: list[str], extra_origins: list[str]) -> TransportSecuritySettings:

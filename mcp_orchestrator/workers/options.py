@@ -6,7 +6,7 @@ a name, a type, its limits and its description live here and nowhere else. Which
 takes which option is `KIND_OPTIONS`; `CONFIG_ONLY` are the options a tool call may not
 set (they choose which secret is sent where).
 
-Depends on pydantic, models and urls only, so the config can import it cheaply.
+Depends on pydantic, models and addresses only, so the config can import it cheaply.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
+from mcp_orchestrator.addresses import check_url
 from mcp_orchestrator.models import MaxTokens, Seed, StopList, Temperature, TopP
-from mcp_orchestrator.urls import check_url
 
 Strategy = Literal["round_robin", "least_loaded", "session_affinity"]
 MemberTables = Annotated[list[dict[str, Any]], Field(min_length=1)]

@@ -17,10 +17,10 @@ from typing import Any
 import httpx2
 from pydantic import ValidationError
 
+from mcp_orchestrator.addresses import check_url
 from mcp_orchestrator.errors import Problem, WorkerSpecError, validation_problems
 from mcp_orchestrator.models import GenerationParams
 from mcp_orchestrator.security import Origin, OriginRule, origin_allowed
-from mcp_orchestrator.urls import check_url
 from mcp_orchestrator.workers import anthropic, llama_cpp, openai, vllm
 from mcp_orchestrator.workers.base import Worker, layer_params
 from mcp_orchestrator.workers.echo import EchoWorker
