@@ -10,8 +10,9 @@ milliseconds. Here the signal starts a drain instead:
    `[server] shutdown_grace_s` to finish normally;
 3. the requests still running then are cancelled through the ledger (counted as cancelled,
    so the counters still reconcile), each caller answered with `CancelledByShutdown`;
-4. once every call is answered, `drained` tells the transport to stop, and the server
-   returns normally: exit status 0.
+4. once every call is answered (and no new one came for SETTLE_S, for what a client sends
+   right after an answer), `drained` tells the transport to stop, and the server returns
+   normally: exit status 0.
 
 A second signal during the drain ends the grace at once. Which calls are in flight is told
 by the transport edges (server/draining.py), where an answer is known to be on its way to
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 
 ANSWER_TIMEOUT_S = 5.0
 """How long the calls cancelled at the end of the grace may take to send their error answers."""
+SETTLE_S = 0.5
+"""Once the last call in flight is answered, how long no new one must come before the server
+stops (within the grace): a client may need one more request to finish with an answer (the
+SDK's client asks for the tool list right after a result, to check it against the tool's
+output schema, when it has not listed the tools yet)."""
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -47,6 +53,8 @@ class InFlight:
         self._keys: set[Hashable] = set()
         self._idle = anyio.Event()
         self._idle.set()
+        self.entered = 0
+        """Calls taken since start."""
 
     @property
     def count(self) -> int:
@@ -56,6 +64,7 @@ class InFlight:
         if not self._keys:
             self._idle = anyio.Event()
         self._keys.add(key)
+        self.entered += 1
 
     def leave(self, key: Hashable) -> None:
         self._keys.discard(key)
@@ -66,6 +75,15 @@ class InFlight:
         """Return once no call is in flight."""
         while self._keys:
             await self._idle.wait()
+
+    async def settled(self, quiet_s: float) -> None:
+        """Return once no call has been in flight, nor come, for `quiet_s`."""
+        while True:
+            await self.idle()
+            seen = self.entered
+            await anyio.sleep(quiet_s)
+            if self.entered == seen and not self._keys:
+                return
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,7 @@ class Shutdown:
         jobs = self.jobs.running if self.jobs is not None else 0
         also = f" and {jobs} task(s) or background request(s)" if jobs else ""
         log.warning("%s: draining %d in-flight request(s)%s, up to %g s", cause, in_flight, also, self.grace_s)
-        await self._wait_for_answers(more_signals)
+        await self._wait_for_answers(more_signals, settle=in_flight > 0)
         cancelled = self.pipeline.cancel_in_flight(lambda: CancelledByShutdown(self.grace_s))
         if self.in_flight.count:
             with anyio.move_on_after(ANSWER_TIMEOUT_S):
@@ -140,8 +158,9 @@ class Shutdown:
         self.drained.set()
         return report
 
-    async def _wait_for_answers(self, more_signals: AsyncIterator[int] | None) -> None:
-        """Until every call in flight is answered, the grace runs out or another signal comes."""
+    async def _wait_for_answers(self, more_signals: AsyncIterator[int] | None, *, settle: bool) -> None:
+        """Until every call in flight is answered (and, with `settle`, no other came for
+        SETTLE_S), the grace runs out or another signal comes."""
         with anyio.move_on_after(self.grace_s) as grace:
             async with anyio.create_task_group() as tg:
                 if more_signals is not None:
@@ -149,6 +168,8 @@ class Shutdown:
                 await self.in_flight.idle()
                 if self.jobs is not None:
                     await self.jobs.idle()
+                if settle:
+                    await self.in_flight.settled(SETTLE_S)
                 tg.cancel_scope.cancel()
 
 
