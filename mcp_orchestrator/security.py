@@ -32,8 +32,9 @@ _SECRET_QUERY = re.compile(
 )
 # Bounded repeats and a scheme that starts a word: linear time on any input (an unbounded
 # `[a-z]*://` backtracks quadratically over a long run of letters).
-_URL_WITH_PASSWORD = re.compile(
-    r"(?<![a-z0-9+.-])(?P<scheme>[a-z][a-z0-9+.-]{0,31}://)(?P<user>[^:/@\s]{0,256}):(?P<password>[^@/\s]{1,1024})@",
+_URL_WITH_CREDENTIALS = re.compile(
+    # Up to the last "@" before the path: a password may hold an "@" of its own.
+    r"(?<![a-z0-9+.-])(?P<scheme>[a-z][a-z0-9+.-]{0,31}://)(?P<userinfo>[^/\s?#]{1,1024})@",
     re.I,
 )
 
@@ -150,10 +151,16 @@ def redact_secrets(text: str, secrets: Iterable[str]) -> str:
 
 
 def redact_text(text: str) -> str:
-    """The password part of any URL in `text` replaced, and the values of secret-looking query
-    parameters (`?api_key=…`, `&token=…`)."""
-    text = _URL_WITH_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    """The credentials of any URL in `text` replaced (its password, or a user part alone: often
+    a token), and the values of secret-looking query parameters (`?api_key=…`, `&token=…`)."""
+    text = _URL_WITH_CREDENTIALS.sub(_without_credentials, text)
     return _SECRET_QUERY.sub(lambda m: f"{m['name']}={REDACTED}", text)
+
+
+def _without_credentials(match: re.Match[str]) -> str:
+    """user:password@ keeps the user name; a user part alone (often a token) goes whole."""
+    user, colon, _ = match["userinfo"].partition(":")
+    return f"{match['scheme']}{user}:{REDACTED}@" if colon else f"{match['scheme']}{REDACTED}@"
 
 
 def redact(data: Any) -> Any:

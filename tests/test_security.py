@@ -135,6 +135,10 @@ def test_redact_blanks_secret_values_and_url_passwords() -> None:
         "redis_url": f"redis://:{REDACTED}@cache:6379/0",
     }
     assert redact_text("no url here") == "no url here"
+    # A user part alone is often a token; a password may hold an "@" of its own.
+    assert redact_text("http://sk-hunter2@host:8080/v1") == f"http://{REDACTED}@host:8080/v1"
+    assert redact_text("http://u:hun@ter2@host/x") == f"http://u:{REDACTED}@host/x"
+    assert redact_text("http://host/a@b") == "http://host/a@b"
 
 
 def test_a_redis_password_is_never_shown(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -170,12 +174,13 @@ def test_check_config_prints_resolved_settings_redacted(capsys: pytest.CaptureFi
     assert settings["security"] == {"allow_configure": None, "worker_origins": ["localhost:8080", "*.corp.example"]}
     # Credentials in a backend's URL are refused (httpx would send them instead of the API
     # key), and the refusal does not show them.
-    path.write_text(inference.format("user:TOPSECRET-url@") + rest, encoding="utf-8")
-    code = main(["--config", str(path), "--check-config"])
-    out, err = capsys.readouterr()
-    assert (code, out) == (2, "")
-    assert "stages.inference.base_url: must not carry a user name or password" in err
-    assert "TOPSECRET" not in err
+    for credentials in ("user:TOPSECRET-url@", "TOPSECRET-url@", "user:TOP@SECRET-url@"):
+        path.write_text(inference.format(credentials) + rest, encoding="utf-8")
+        code = main(["--config", str(path), "--check-config"])
+        out, err = capsys.readouterr()
+        assert (code, out) == (2, "")
+        assert "stages.inference.base_url: must not carry a user name or password" in err
+        assert "TOP" not in err and "SECRET" not in err, err
 
 
 @pytest.mark.parametrize(
