@@ -23,9 +23,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from mcp_orchestrator.addresses import bind_host, check_oauth_url, check_url, host_entry, origin_entry
-from mcp_orchestrator.errors import ConfigError, Problem, validation_problems
+from mcp_orchestrator.errors import PAIR_ERROR, ConfigError, Problem, validation_problems
 from mcp_orchestrator.event_loop import EventLoop, uvloop_missing
 from mcp_orchestrator.models import MaxTokens, Temperature
 from mcp_orchestrator.resilience.breaker import BreakerSettings
@@ -49,7 +50,11 @@ _RETRY = RetryPolicy()
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
+    # validate_default: a pair's check (AT_MOST) runs on its later key even when that key is
+    # left at its default.
+    model_config = ConfigDict(
+        extra="forbid", strict=True, validate_assignment=True, validate_default=True, use_attribute_docstrings=True
+    )
 
     AT_MOST: ClassVar[tuple[tuple[str, str], ...]] = ()
     """(lower, upper) key pairs: lower must not be greater than upper."""
@@ -68,8 +73,8 @@ class _Section(BaseModel):
             if other not in info.data:  # declared later (its own check sees this one), or invalid
                 continue
             low, high = (value, info.data[upper]) if info.field_name == lower else (info.data[lower], value)
-            if low > high:
-                raise ValueError(f"{lower} ({low}) must not be greater than {upper} ({high})")
+            if low > high:  # its own type: the message shows both values, no "(got ...)" needed
+                raise PydanticCustomError(PAIR_ERROR, f"{lower} ({low}) must not be greater than {upper} ({high})")
         return value
 
 

@@ -257,6 +257,10 @@ class BindError(OrchestratorError):
     """The server refuses to serve HTTP on this address as configured."""
 
 
+PAIR_ERROR = "pair_out_of_order"
+"""pydantic error type of two keys out of order (config.py): its message names both values."""
+
+
 def validation_problems(
     error: ValidationError, noun: str = "key", allowed: Callable[[tuple[Any, ...]], list[str] | None] | None = None
 ) -> list[Problem]:
@@ -275,7 +279,7 @@ def validation_problems(
             continue
         message = item["msg"].removeprefix("Value error, ")
         given = item.get("input")
-        if item["type"] != "missing" and not isinstance(given, dict):
+        if item["type"] not in ("missing", PAIR_ERROR) and not isinstance(given, dict):
             message += f" (got {shown(given)})"
         problems.append(Problem(key, message))
     return problems

@@ -11,6 +11,7 @@ applies a new config all or nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -316,7 +317,9 @@ class Orchestrator:
                 if config.stages.rag.source != old.stages.rag.source:
                     context_source = self._context_source(config)
             except ConfigError as exc:  # a running value the new file's other values now contradict
-                raise ReloadError(source, exc.problems) from None
+                kept = ", ".join(f"{key} = {json.dumps(running.get(key))}" for key in report.restart_needed)
+                note = [Problem("", f"kept until a restart: {kept}")] if kept else []
+                raise ReloadError(source, [*exc.problems, *note]) from None
             if any(matches(key, WORKER_KEYS) for key in report.applied):
                 await self._swap_from_config(config, source)
                 report.worker_swapped = True

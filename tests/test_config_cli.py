@@ -159,7 +159,7 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
     (
         "default-deadline-over-max",
         ["[pipeline]", "default_deadline_ms = 700000"],
-        ["pipeline", "default_deadline_ms (700000) must not be greater than max_deadline_ms (600000)"],
+        ["bad.toml: pipeline.max_deadline_ms", "default_deadline_ms (700000) must not be greater than max_deadline_ms"],
     ),
     (
         "concurrency-huge",

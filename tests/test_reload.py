@@ -557,6 +557,24 @@ async def test_a_bad_reload_changes_nothing_and_says_why(tmp_path: Path, text: s
 
 
 @pytest.mark.anyio
+async def test_a_reload_contradicting_a_value_kept_until_restart_says_which_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """max_deadline_ms needs a restart; default_deadline_ms applies live: a file raising both
+    would put the new default over the running max."""
+    path = write(tmp_path / "c.toml", "[pipeline]\nmax_deadline_ms = 100000\ndefault_deadline_ms = 90000\n")
+    config = load_config(path)
+    async with Orchestrator(config) as orchestrator:
+        write(path, "[pipeline]\nmax_deadline_ms = 700000\ndefault_deadline_ms = 650000\n")
+        with pytest.raises(ReloadError) as caught:
+            await reload_config(orchestrator, lambda: load_config(path), str(path))
+        assert orchestrator.config is config
+    text = str(caught.value)
+    assert "default_deadline_ms (650000) must not be greater than max_deadline_ms (100000)" in text
+    assert "kept until a restart: pipeline.max_deadline_ms = 100000" in text
+
+
+@pytest.mark.anyio
 async def test_new_rate_limits_start_as_empty_as_the_old_buckets_not_with_a_fresh_burst(tmp_path: Path) -> None:
     # One token per 10 s (then per 5 s): nothing refills during the test, whatever the machine's speed.
     limits = "[rate_limits]\nenabled = true\nburst_capacity = 3\nper_session_rps = 0.1\nrequests_per_second = "
