@@ -396,7 +396,7 @@ async def _serve_http(orchestrator: Any, shutdown: Shutdown, listener: socket.so
         access_log=False,
         lifespan="on",
         http=HTTP_PROTOCOL,
-        timeout_graceful_shutdown=int(STOP_TIMEOUT_S),  # once drained only GET streams remain, ended at once
+        timeout_graceful_shutdown=int(STOP_TIMEOUT_S),  # once drained: GET streams (ended at once), late requests
     )
     # Bound by us rather than by uvicorn so the banner shows the real port (`--port 0` picks one).
     sock = listener or _listening_socket(server_config.host, server_config.port)

@@ -240,13 +240,21 @@ def wait_for_exit(process: subprocess.Popen[str]) -> int:
     return process.wait(timeout=STOP_TIMEOUT_S)
 
 
+ODD_BODIES = [b'{"jsonrpc":"2.0","id":1,"method":["tools/list"]}', b"[" * 100_000, b"\xff", b"{" + b" " * 20_000]
+"""Sessionless POSTs during a drain, read before authentication: each is refused, none is a 500."""
+
+
 def refused_after_signal(server: HttpServer) -> bool:
-    """A request from outside the sessions once the drain began: refused (503, or no connection)."""
+    """Requests from outside the sessions once the drain began: refused (503, or no connection)."""
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
     try:
         with httpx2.Client(timeout=5.0) as http:
-            return http.get(f"{server.base_url}/healthz").status_code == 503
+            statuses = [http.get(f"{server.base_url}/healthz").status_code]
+            statuses += [http.post(server.mcp_url, content=body, headers=headers).status_code for body in ODD_BODIES]
     except httpx2.TransportError:
         return True
+    assert statuses == [503] * len(statuses), statuses
+    return True
 
 
 @pytest.mark.parametrize(

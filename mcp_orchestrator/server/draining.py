@@ -59,6 +59,10 @@ REFUSAL = JSONResponse(
 DISCONNECT: Message = {"type": "http.disconnect"}
 SERVED_WHILE_DRAINING = frozenset({"tools/list", "ping"})
 """Sessionless requests still answered during a drain: they start no work (see the module docstring)."""
+PEEK_BYTES = 16 * 1024
+"""Most of a body read to see whether it is one of those (they are a few hundred bytes)."""
+PEEK_TIMEOUT_S = 5.0
+"""Longest wait for that body: a client that stalls it is refused."""
 CANCELLED = "notifications/cancelled"
 
 
@@ -129,16 +133,19 @@ class DrainGate:
 
     async def _workless(self, scope: Scope, receive: Receive) -> Receive | None:
         """For a sessionless POST of one SERVED_WHILE_DRAINING message: a `receive` that replays
-        its body (read here, within the size limit). None for anything else."""
+        its body. None for anything else. This runs before authentication, so the body read is
+        small (such a message is), bounded in time, and anything odd is simply refused."""
         if scope["method"] != "POST" or scope["path"] != self._path:
             return None
-        read, body = await read_body(receive, self._limit)
-        try:
-            message = json.loads(body) if body is not None else None
-        except ValueError:
-            return None
-        if isinstance(message, dict) and message.get("method") in SERVED_WHILE_DRAINING:
-            return replaying(read, receive)
+        with anyio.move_on_after(PEEK_TIMEOUT_S):
+            read, body = await read_body(receive, min(self._limit, PEEK_BYTES))
+            try:
+                message = json.loads(body) if body is not None else None
+            except (ValueError, RecursionError):
+                return None
+            method = message.get("method") if isinstance(message, dict) else None
+            if isinstance(method, str) and method in SERVED_WHILE_DRAINING:
+                return replaying(read, receive)
         return None
 
     async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
