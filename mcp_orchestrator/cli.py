@@ -203,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from mcp_orchestrator.pipeline.context import load_context_source
 
         worker_from_config(config)  # the worker and the context source are checked before anything starts
+        config.distributed.url(os.environ)  # and REDIS_URL, when it is the one in effect
         if config.stages.rag.source is not None:
             load_context_source(config.stages.rag.source)
     except ConfigError as exc:

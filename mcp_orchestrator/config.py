@@ -290,17 +290,29 @@ class DistributedSection(_Section):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        if value and not value.startswith("unix://"):
-            check_url(value, schemes=("redis", "rediss"), example="redis://127.0.0.1:6379/0", credentials=True)
+        if value:
+            _check_redis_url(value)
         return value
 
     def url(self, environ: Mapping[str, str]) -> str | None:
-        """The Redis URL in effect: the file's, else REDIS_URL from `environ`; None: no sharing."""
+        """The Redis URL in effect: the file's, else REDIS_URL from `environ`; None: no sharing.
+        ConfigError (source "environment") when REDIS_URL is in effect and unusable."""
         if self.redis_url is not None:
             return self.redis_url or None
-        return environ.get("REDIS_URL") or None
+        value = environ.get("REDIS_URL") or None
+        if value is not None:
+            try:
+                _check_redis_url(value)
+            except ValueError as exc:  # the value is not shown: it may hold a password
+                raise ConfigError("environment", [Problem("REDIS_URL", str(exc))]) from None
+        return value
+
+
+def _check_redis_url(value: str) -> None:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    if not value.startswith("unix://"):
+        check_url(value, schemes=("redis", "rediss"), example="redis://127.0.0.1:6379/0", credentials=True)
 
 
 class TasksSection(_Section):

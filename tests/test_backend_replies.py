@@ -107,6 +107,8 @@ async def test_a_lone_surrogate_from_the_backend_reaches_an_http_caller_cleaned(
 def test_only_lone_surrogates_are_replaced() -> None:
     assert backend_json('{"a": ["x\\udc00y", {"\\ud83d\\ude00": "\\ud83d"}]}') == {"a": ["x\ufffdy", {"😀": "\ufffd"}]}
     assert backend_json(b'{"text": "plain \\u00e9"}') == {"text": "plain é"}
+    raw = backend_json(b'{"a": "x\xed\xa0\x80y"}')["a"]  # a surrogate's own bytes, not escaped
+    assert raw.encode("utf-8") and raw.startswith("x") and raw.endswith("y")
     with pytest.raises(ValueError):
         backend_json("{not json")
 

@@ -238,6 +238,17 @@ def test_a_pair_out_of_order_is_named_along_with_the_other_problems(
     assert "max_open_per_caller (20) must not be greater than max_open (10)" in err
 
 
+def test_an_unusable_redis_url_variable_is_named_without_its_password(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:TOPSECRET@localhost:99999/0")
+    code, out, err = run_main(capsys, "--check-config")
+    assert (code, out) == (EXIT_USAGE, "")
+    (line,) = error_lines(err)
+    assert line.startswith("mcp-orchestrator: environment: REDIS_URL: is not a URL a client can use"), line
+    assert "TOPSECRET" not in line
+
+
 def test_missing_config_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nowhere.toml"
     code, _, err = run_main(capsys, "--config", str(missing))

@@ -144,7 +144,7 @@ def message_chunk(endpoint: Endpoint, answer: Any) -> Chunk:
         if isinstance(block, dict) and block.get("type") == "text"
     )
     usage = answer.get("usage")
-    reason = finish_reason(endpoint.backend, answer.get("stop_reason"), str(answer))
+    reason = finish_reason(endpoint.backend, answer.get("stop_reason"), answer)
     return Chunk(
         text,
         Usage(
@@ -157,7 +157,7 @@ def message_chunk(endpoint: Endpoint, answer: Any) -> Chunk:
 def _count(endpoint: Endpoint, usage: Any, name: str, current: int) -> int:
     if not isinstance(usage, dict) or usage.get(name) is None:
         return current
-    return token_count(endpoint.backend, usage[name], f"usage.{name}", str(usage))
+    return token_count(endpoint.backend, usage[name], f"usage.{name}", usage)
 
 
 def _input_tokens(endpoint: Endpoint, usage: Any, current: int) -> int:

@@ -141,7 +141,7 @@ def completion_chunk(endpoint: Endpoint, answer: Any) -> Chunk:
         raise taxonomy.malformed(endpoint.backend, "no choices[0].message in the completion", str(answer))
     text = choices[0]["message"].get("content") or ""
     usage = _usage(endpoint, answer["usage"]) if answer.get("usage") else None
-    finish = finish_reason(endpoint.backend, choices[0].get("finish_reason"), str(answer))
+    finish = finish_reason(endpoint.backend, choices[0].get("finish_reason"), answer)
     return Chunk(str(text), usage, finish)
 
 
@@ -157,8 +157,6 @@ def _usage(endpoint: Endpoint, raw: Any) -> Usage:
     if not isinstance(raw, dict):
         raise taxonomy.malformed(endpoint.backend, "'usage' is not an object", str(raw))
     return Usage(
-        input_tokens=token_count(endpoint.backend, raw.get("prompt_tokens", 0), "usage.prompt_tokens", str(raw)),
-        output_tokens=token_count(
-            endpoint.backend, raw.get("completion_tokens", 0), "usage.completion_tokens", str(raw)
-        ),
+        input_tokens=token_count(endpoint.backend, raw.get("prompt_tokens", 0), "usage.prompt_tokens", raw),
+        output_tokens=token_count(endpoint.backend, raw.get("completion_tokens", 0), "usage.completion_tokens", raw),
     )

@@ -25,14 +25,15 @@ MAX_FINISH_REASON_CHARS = 64
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # What a surrogate looks like escaped in JSON text: only then can json.loads return one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def backend_json(raw: str | bytes) -> Any:
-    """json.loads (ValueError as it raises), with every lone surrogate in a string replaced."""
-    data = json.loads(raw)
-    escaped = _SURROGATE_ESCAPE_BYTES.search(raw) if isinstance(raw, bytes) else _SURROGATE_ESCAPE.search(raw)
-    return _without_surrogates(data) if escaped else data
+    """json.loads (ValueError as it raises), with every lone surrogate in a string replaced.
+    Bytes are decoded here, invalid UTF-8 replaced: json.loads would let a surrogate's raw bytes
+    through as a surrogate."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    data = json.loads(text)
+    return _without_surrogates(data) if _SURROGATE_ESCAPE.search(text) else data
 
 
 def _without_surrogates(value: Any) -> Any:
@@ -45,19 +46,23 @@ def _without_surrogates(value: Any) -> Any:
     return value
 
 
-def token_count(backend: str, value: Any, name: str, sample: str) -> int:
-    """`value` as a token count; a malformed-response WorkerError naming `name` otherwise."""
+def token_count(backend: str, value: Any, name: str, sample: object) -> int:
+    """`value` as a token count; a malformed-response WorkerError naming `name` otherwise
+    (`sample`, what held it, goes to the debug log; made text only then)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKEN_COUNT:
-        raise taxonomy.malformed(backend, f"{name} is not a token count (an integer 0 to {MAX_TOKEN_COUNT})", sample)
+        what = f"{name} is not a token count (an integer 0 to {MAX_TOKEN_COUNT})"
+        raise taxonomy.malformed(backend, what, str(sample))
     return value
 
 
-def finish_reason(backend: str, value: Any, sample: str) -> str | None:
+def finish_reason(backend: str, value: Any, sample: object) -> str | None:
     """`value` as a finish reason (None when absent or empty); malformed otherwise."""
     if value is None or value == "":
         return None
     if not isinstance(value, str) or len(value) > MAX_FINISH_REASON_CHARS or not value.isprintable():
         raise taxonomy.malformed(
-            backend, f"the finish reason is not a short text (at most {MAX_FINISH_REASON_CHARS} characters)", sample
+            backend,
+            f"the finish reason is not a short text (at most {MAX_FINISH_REASON_CHARS} characters)",
+            str(sample),
         )
     return value
