@@ -18,11 +18,14 @@ import ipaddress
 import re
 from urllib.parse import SplitResult, urlsplit
 
-_NAME = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)"
+# A host as a Host or Origin header carries it: a name (underscores too: Docker Compose
+# service names have them), an IPv4 address, or an IPv6 address in brackets.
+_NAME = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?)"
 _PORT = r"(:(?P<port>\*|[0-9]{1,5}))?"
 _HOST_ENTRY = re.compile(f"{_NAME}{_PORT}")
-_ORIGIN_ENTRY = re.compile(f"https?://{_NAME}{_PORT}")
-_BIND_HOST = re.compile(r"[A-Za-z0-9._:%\[\]-]+")
+# Browsers and editors send other schemes too (vscode-webview://, app://, chrome-extension://).
+_ORIGIN_ENTRY = re.compile(f"[A-Za-z][A-Za-z0-9+.-]*://{_NAME}{_PORT}")
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def check_url(value: str, *, schemes: tuple[str, ...], example: str, credentials: bool = False) -> SplitResult:
@@ -69,8 +72,8 @@ def host_entry(value: str) -> str:
     """A Host header value HTTP accepts, as the SDK matches it (exactly, or any port with :*)."""
     if not _header_value(_HOST_ENTRY, value):
         raise ValueError(
-            "must be a Host header value: a host name or IP address, optionally :port or :* (any port), "
-            "e.g. myserver.lan or myserver.lan:8000"
+            "must be a Host header value: a host name or IP address (IPv6 in [brackets]), optionally :port "
+            "or :* (any port), e.g. myserver.lan or myserver.lan:8000"
         )
     return value
 
@@ -79,8 +82,8 @@ def origin_entry(value: str) -> str:
     """An Origin header value HTTP accepts, as the SDK matches it."""
     if not _header_value(_ORIGIN_ENTRY, value):
         raise ValueError(
-            "must be an Origin header value: http:// or https://, a host, optionally :port or :* (any port), "
-            "nothing after it, e.g. https://app.example.com"
+            "must be an Origin header value: a scheme such as https://, a host, optionally :port or :* "
+            "(any port), nothing after it, e.g. https://app.example.com"
         )
     return value
 
@@ -92,7 +95,14 @@ def _header_value(pattern: re.Pattern[str], value: str) -> bool:
 
 
 def bind_host(value: str) -> str:
-    """An address to listen on (an IP address or a host name)."""
-    if not _BIND_HOST.fullmatch(value):
-        raise ValueError("must be an IP address or host name to listen on, e.g. 127.0.0.1, 0.0.0.0 or ::")
+    """An address to listen on: an IP address (IPv6 without brackets) or a host name."""
+    try:
+        ipaddress.ip_address(value.split("%")[0])  # an IPv6 scope (fe80::1%eth0) is the socket's to check
+    except ValueError:
+        labels = value.removesuffix(".").split(".")
+        if not value or not all(_LABEL.fullmatch(label) for label in labels):
+            raise ValueError(
+                "must be an IP address (IPv6 without brackets) or a host name to listen on, "
+                "e.g. 127.0.0.1, 0.0.0.0, :: or myserver.lan"
+            ) from None
     return value

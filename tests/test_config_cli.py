@@ -150,7 +150,10 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
         )
         for name, entry in [("bare", "notanorigin"), ("empty", ""), ("path", "https://app.example/x")]
     ),
-    ("bind-host-empty", ["[server]", 'host = ""'], ["server.host", "IP address or host name to listen on"]),
+    *(
+        (f"bind-host-{name}", ["[server]", f"host = {json.dumps(host)}"], ["server.host", "IPv6 without brackets"])
+        for name, host in [("empty", ""), ("brackets", "[::]"), ("empty-label", "a..b")]
+    ),
     (
         "http-timeout-inf",
         ["[stages.inference.http]", "read_timeout_s = inf"],
@@ -424,6 +427,26 @@ def test_check_config_through_the_console_script(tmp_path: Path) -> None:
     settings = json.loads(completed.stdout)
     assert settings["pipeline"]["max_prompt_chars"] == 1234
     assert settings["stages"]["inference"]["concurrency"] == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("allowed_hosts", "my_server:8000"),
+        ("allowed_hosts", "[::1]:8000"),
+        ("allowed_origins", "vscode-webview://abc123"),
+        ("allowed_origins", "http://my_app:3000"),
+        ("host", "::"),
+        ("host", "my_server"),
+    ],
+)
+def test_real_world_addresses_are_accepted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str, value: str
+) -> None:
+    entry = json.dumps(value) if key == "host" else json.dumps([value])
+    path = write_lines(tmp_path / "addr.toml", ["[server]", f"{key} = {entry}"])
+    settings = resolved(capsys, "--config", str(path))
+    assert settings["server"][key] == (value if key == "host" else [value])
 
 
 def test_non_loopback_host_needs_allowed_hosts(capsys: pytest.CaptureFixture[str]) -> None:
