@@ -149,7 +149,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def _where(source: str, problem: Problem, args: argparse.Namespace) -> str:
     """A problem with where it comes from: the file, or the flag that set the key."""
     flag = _flag_for(problem.key)
-    if source == "command line" or (flag is not None and getattr(args, _dest(flag)) is not None):
+    # A flag replaces the file's value, so a problem with that key is the flag's; except for the
+    # keys whose flags add to the file's list: the file's entries are checked (and named) first.
+    replaced = flag is not None and getattr(args, _dest(flag)) is not None and flag not in APPENDING_FLAGS
+    if source == "command line" or replaced:
         return f"command line: {_name_flag(problem)}"
     if source in ("worker", "config"):  # checked after loading: the key came from the file
         source = args.config or "command line"
@@ -192,6 +195,7 @@ FLAG_FOR_KEY = {
     "observability.log_format": "--log-format",
 }
 APPENDED_KEYS = frozenset({"server.allowed_hosts", "server.allowed_origins"})
+APPENDING_FLAGS = frozenset(FLAG_FOR_KEY[key] for key in APPENDED_KEYS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

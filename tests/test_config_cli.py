@@ -449,6 +449,16 @@ def test_real_world_addresses_are_accepted(
     assert settings["server"][key] == (value if key == "host" else [value])
 
 
+def test_a_bad_entry_of_the_file_is_the_files_even_when_a_flag_adds_to_the_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_lines(tmp_path / "hosts.toml", ["[server]", 'allowed_hosts = ["bad host"]'])
+    code, _, err = run_main(capsys, "--config", str(path), "--allowed-host", "good.lan")
+    assert code == EXIT_USAGE
+    (line,) = error_lines(err)
+    assert line.startswith(f"mcp-orchestrator: {path}: server.allowed_hosts.0: must be a Host header value"), line
+
+
 def test_non_loopback_host_needs_allowed_hosts(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run_main(capsys, "--transport", "http", "--host", "0.0.0.0", "--check-config")
     assert code == EXIT_USAGE

@@ -53,7 +53,8 @@ def loop_clock() -> Callable[[], float]:
     On asyncio that is time.monotonic itself: asyncio's own loop reads it, and uvloop reads the
     same clock (CLOCK_MONOTONIC) but only to the whole millisecond, cached once per loop turn,
     which would make every latency and stage time a whole number of milliseconds. Timers and
-    cancel scopes on uvloop fire by its coarser reading, so within a millisecond of this one.
+    cancel scopes on uvloop fire by its coarser, cached reading: a deadline computed from this
+    clock fires late by at most that lag (a millisecond, or a loop turn under load), never early.
     Objects built before the loop starts (metrics) read it too, and agree once it runs."""
     try:
         asyncio.get_running_loop()
