@@ -202,11 +202,18 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--answer-json", type=json.loads, default=ANSWER, help="the answer, as a JSON string literal")
+    # No type= here: argparse would apply it to a string default too.
+    parser.add_argument("--answer-json", help="the answer, as a JSON string literal (default: ANSWER)")
     args = parser.parse_args()
-    if not isinstance(args.answer_json, str) or not args.answer_json:
-        parser.error("--answer-json must be a non-empty JSON string literal")
-    asyncio.run(serve(args.host, args.port, args.latency_ms, args.answer_json))
+    answer = ANSWER
+    if args.answer_json is not None:
+        try:
+            answer = json.loads(args.answer_json)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, str) or not answer:
+            parser.error("--answer-json must be a non-empty JSON string literal")
+    asyncio.run(serve(args.host, args.port, args.latency_ms, answer))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from mcp_orchestrator.workers.base import Chunk
 from mcp_orchestrator.workers.openai import completion_chunk, read_chat_stream
 from mcp_orchestrator.workers.replies import MAX_TOKEN_COUNT, backend_json
 from mcp_orchestrator.workers.transport import Endpoint, open_event_stream
+from testbeds.mock_openai import ANSWER
 from testbeds.processes import terminate
 from tests.support_processes import LINE_TIMEOUT_S, http_server, stdio_params
 
@@ -37,10 +38,11 @@ ENDPOINT = Endpoint(backend="test at http://replies.test", base_url="http://repl
 
 
 @contextmanager
-def mock_backend(answer_json: str) -> Iterator[str]:
-    """testbeds/mock_openai.py answering `answer_json`; yields its /v1 URL."""
+def mock_backend(answer_json: str | None) -> Iterator[str]:
+    """testbeds/mock_openai.py answering `answer_json` (None: its own answer); yields its /v1 URL."""
+    answer = [] if answer_json is None else ["--answer-json", answer_json]
     process = subprocess.Popen(
-        [sys.executable, "-m", "testbeds.mock_openai", "--latency-ms", "0", "--answer-json", answer_json],
+        [sys.executable, "-m", "testbeds.mock_openai", "--latency-ms", "0", *answer],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
@@ -99,6 +101,14 @@ async def test_a_lone_surrogate_from_the_backend_reaches_an_http_caller_cleaned(
                 result = await client.call_tool("infer", {"prompt": "over http"})
     assert not result.is_error, result.content
     assert result.content[0].text == CLEANED  # type: ignore[union-attr]
+
+
+def test_the_mock_answers_its_own_text_by_default() -> None:
+    """As bench/gateway.py runs it (an --answer-json that parsed its default broke the benchmark)."""
+    with mock_backend(None) as url:
+        body = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx2.post(f"{url}/chat/completions", json=body, timeout=10).json()
+    assert answer["choices"][0]["message"]["content"] == ANSWER
 
 
 # ---------------------------------------------------------------------------- the parsers
