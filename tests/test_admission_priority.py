@@ -14,8 +14,10 @@ from typing import Any
 import anyio
 import pytest
 
+from mcp_orchestrator.errors import WorkerError
 from tests.conftest import error_text, make_config, status_of, totals_of, wait_for
 from tests.support_admission import Call, ManualClock, serving, start_call
+from tests.support_workers import Scripted
 
 pytestmark = pytest.mark.anyio
 
@@ -36,6 +38,29 @@ def has_waiting(orchestrator: Any, count: int) -> bool:
 
 def has_done(calls: dict[str, Call], count: int) -> bool:
     return sum(call.done.is_set() for call in calls.values()) == count
+
+
+async def test_a_replay_refused_before_it_ran_can_be_replayed_later_and_only_once() -> None:
+    """The rate limit refuses a replay at admission: its claim is given back. The next one runs,
+    and keeps the claim."""
+    clock = ManualClock()
+    worker = Scripted(WorkerError("scripted", "the backend said no", retryable=False), "ok")
+    config = make_config(
+        rate_limits={"enabled": True, "requests_per_second": 0.5, "burst_capacity": 1},
+        resilience={"retry_attempts": 0},
+    )
+    async with serving(config, worker=worker, clock=clock) as (_, client):
+        with anyio.fail_after(TEST_TIMEOUT_S):
+            failed = await client.call_tool("infer", {"prompt": "fails", "deadline_ms": 1000, "cache": False})
+            refused = await client.call_tool("replay_dead_letter", {"id": "dl-1"})  # no token within 1 s
+            clock.advance(2.0)  # one token per 2 s
+            replayed = await client.call_tool("replay_dead_letter", {"id": "dl-1"})
+            again = await client.call_tool("replay_dead_letter", {"id": "dl-1"})
+    assert "the backend said no" in error_text(failed)
+    assert "rate limited" in error_text(refused)
+    assert not replayed.is_error and replayed.content[0].text == "hello world"  # type: ignore[union-attr]
+    assert "already replayed by this process" in error_text(again)
+    assert worker.calls == 2
 
 
 async def test_a_request_that_cannot_get_a_token_in_time_is_refused_with_retry_after() -> None:

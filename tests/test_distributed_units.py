@@ -350,12 +350,18 @@ async def test_the_global_bucket_never_grants_more_than_its_bound(redis: RedisSe
     assert 4 <= granted <= 4 + 20 * elapsed + 1  # + 1: the token refilled at the very end
 
 
-async def test_a_replay_is_claimed_once(redis: RedisServer) -> None:
+async def test_a_replay_is_claimed_once_and_only_its_own_claim_is_given_back(redis: RedisServer) -> None:
     states = [SharedState(redis.url, _section("claims"), _dedup(), 100) for _ in range(2)]
     async with states[0].running(), states[1].running():
         claims = [await state.dead_letters.claim("dl-x-1") for state in (*states, states[0])]
-    assert claims[0] is None
-    assert claims[1] == states[0].owner and claims[2] == states[0].owner
+        await states[1].dead_letters.release("dl-x-1", claims[1].token)  # not its claim: nothing changes
+        still = await states[1].dead_letters.claim("dl-x-1")
+        await states[0].dead_letters.release("dl-x-1", claims[0].token)  # its replay never ran
+        after = await states[1].dead_letters.claim("dl-x-1")
+    assert claims[0].holder is None
+    assert claims[1].holder == states[0].owner and claims[2].holder == states[0].owner
+    assert still.holder == states[0].owner
+    assert after.holder is None
 
 
 # ---------------------------------------------------------------------------- who runs the first join

@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 READ_BATCH = 500
 CLAIM_TTL_MS = 7 * 24 * 3600 * 1000
 """A replayed letter stays claimed for a week (far longer than a capped stream keeps it)."""
+RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+"""KEYS: the claim. ARGV: our token. Drops the claim only if it is still ours."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A replay claim: `holder` None when we got it (`token` is ours), else who has it."""
+
+    token: str
+    holder: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +58,7 @@ class SharedDeadLetters:
         self._link = link
         self._keys = keys
         self._owner = owner
+        self._release = link.client.register_script(RELEASE)
         self.capacity = capacity
         self.backlog: deque[Letter] = deque(maxlen=capacity)
         """Our letters not yet in the stream (Redis was unreachable); the oldest go first past capacity."""
@@ -110,9 +121,9 @@ class SharedDeadLetters:
         again (letters already held are recognised by id and not added twice)."""
         self._last_id = "0-0"
 
-    async def claim(self, letter_id: str) -> str | None:
-        """Claim the replay of `letter_id`: None when we got it, else the node that has it.
-        RedisUnavailable when Redis cannot say (then nobody may replay: it could run twice)."""
+    async def claim(self, letter_id: str) -> Claim:
+        """Claim the replay of `letter_id` (see Claim). RedisUnavailable when Redis cannot say
+        (then nobody may replay: it could run twice)."""
         key = self._keys.replay_claim(letter_id)
         # A token of this claim's own: a command retried after a broken connection finds its own
         # claim (ours), and two replays in this process still tell each other apart.
@@ -126,7 +137,13 @@ class SharedDeadLetters:
 
         _, holder = await self._link.call(run)
         holder_text = _text(holder or b"another process")
-        return None if holder_text == token else holder_text.rsplit("/", 1)[0]
+        return Claim(token, None if holder_text == token else holder_text.rsplit("/", 1)[0])
+
+    async def release(self, letter_id: str, token: str) -> None:
+        """Give back a claim whose replay never ran (it was refused before it started), so the
+        letter can be replayed later. RedisUnavailable when Redis cannot be told."""
+        key = self._keys.replay_claim(letter_id)
+        await self._link.call(lambda client: self._release(keys=(key,), args=(token,)))
 
 
 def _field(fields: dict[Any, Any], name: str) -> str:

@@ -125,6 +125,10 @@ class DeadLetterQueue:
         self._replayed.add(letter_id)
         return True
 
+    def release(self, letter_id: str) -> None:
+        """Give back a claim whose replay never ran."""
+        self._replayed.discard(letter_id)
+
     def list(
         self, limit: int, reason: DeadLetterReason | None = None, session_id: str | None = None
     ) -> list[DeadLetter]:

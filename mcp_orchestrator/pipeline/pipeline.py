@@ -190,13 +190,22 @@ class Pipeline:
         sharing.admission = self.admission
         return sharing
 
-    async def claim_replay(self, letter_id: str) -> None:
+    async def claim_replay(self, letter_id: str) -> str | None:
         """Claim the one replay of a dead letter: across every process when sharing through
-        Redis, else in this one (ReplayRefused when another replay has it)."""
+        Redis (its token), else in this one (ReplayRefused when another replay has it)."""
         if self.sharing is not None:
-            await self.sharing.claim_replay(letter_id)
-        elif not self.dead_letters.claim(letter_id):
+            return await self.sharing.claim_replay(letter_id)
+        if not self.dead_letters.claim(letter_id):
             raise ReplayRefused(letter_id, "already replayed by this process")
+        return None
+
+    async def release_replay(self, letter_id: str, token: str | None) -> None:
+        """Give back the claim of a replay that was refused before it ran (rate limited, shutting
+        down): the letter may be replayed again."""
+        if self.sharing is not None and token is not None:
+            await self.sharing.release_replay(letter_id, token)
+        else:
+            self.dead_letters.release(letter_id)
 
     @asynccontextmanager
     async def _run_shared(self) -> AsyncIterator[None]:

@@ -309,19 +309,29 @@ class Sharing:
 
     # ------------------------------------------------------------------ replays
 
-    async def claim_replay(self, letter_id: str) -> None:
-        """Claim the one replay of `letter_id` across every process; ReplayRefused if taken or
-        if Redis cannot say (a replay that might run twice is not started)."""
+    async def claim_replay(self, letter_id: str) -> str:
+        """Claim the one replay of `letter_id` across every process: the claim's token.
+        ReplayRefused if taken or if Redis cannot say (a replay that might run twice is not started)."""
         try:
-            holder = await self.shared.dead_letters.claim(letter_id)
+            claim = await self.shared.dead_letters.claim(letter_id)
         except RedisUnavailable:
             raise ReplayRefused(
                 letter_id,
                 f"Redis at {self.shared.link.where} is unreachable, so the claim cannot be checked; try again",
             ) from None
-        if holder is not None:
+        if claim.holder is not None:
+            holder = claim.holder
             who = "this process" if holder == self.shared.owner else f"process {holder.rsplit('/', 1)[0]}"
             raise ReplayRefused(letter_id, f"already replayed by {who}")
+        return claim.token
+
+    async def release_replay(self, letter_id: str, token: str) -> None:
+        """Give the claim back (the replay was refused before it ran). If Redis cannot be told,
+        the letter stays claimed: it is never replayed twice."""
+        try:
+            await self.shared.dead_letters.release(letter_id, token)
+        except RedisUnavailable:
+            log.warning("dead letter %s stays claimed: Redis could not be told its replay never ran", letter_id)
 
 
 def build_sharing(

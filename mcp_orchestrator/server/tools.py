@@ -29,7 +29,15 @@ from pydantic import (
 )
 
 from mcp_orchestrator import __version__
-from mcp_orchestrator.errors import ConfigError, OrchestratorError, Problem, WorkerError
+from mcp_orchestrator.errors import (
+    ConfigError,
+    OrchestratorError,
+    PipelineNotRunning,
+    Problem,
+    RateLimited,
+    ShuttingDown,
+    WorkerError,
+)
 from mcp_orchestrator.models import (
     BatchItem,
     DeadLetterReason,
@@ -438,11 +446,16 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         entry = orchestrator.pipeline.dead_letters.get(id)
         if entry is None:
             raise ToolError(f"id: no dead letter {id!r} (it may have been dropped; list them with dead_letters)")
-        # Shared through Redis, the letter may be replayed from any process: claim it first.
-        await orchestrator.pipeline.claim_replay(id)
+        # A letter is replayed once (by any process, when shared through Redis): claim it first.
+        token = await orchestrator.pipeline.claim_replay(id)
         # A replay is a new attempt at the backend: an answer cached since would not be one.
         submission = entry.submission.model_copy(update={"cache": False, "dedup": False})
-        return _answer(await with_progress(ctx, lambda on_chunk: orchestrator.infer(submission, on_chunk)))
+        try:
+            result = await with_progress(ctx, lambda on_chunk: orchestrator.infer(submission, on_chunk))
+        except (RateLimited, ShuttingDown, PipelineNotRunning):
+            await orchestrator.pipeline.release_replay(id, token)  # refused before it ran: try again later
+            raise
+        return _answer(result)
 
     async def configure_worker(kind: str, **options: Any) -> WorkerDescription:
         if not orchestrator.configure_allowed:  # a client may call it from a tool list read before a reload
