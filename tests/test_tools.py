@@ -392,7 +392,8 @@ async def test_configure_worker_is_off_over_http_unless_allowed_and_says_so() ->
 
 
 async def test_every_problem_of_a_call_is_named_in_one_answer() -> None:
-    """Item problems and member problems were held back until the arguments model's own were fixed."""
+    """Item problems, member problems and a base_url the operator did not allow were held back
+    until the arguments model's own were fixed."""
     config = make_config(pipeline={"max_prompt_chars": 10}, security={"allow_configure": True})
     async with running(config) as (_, client):
         batch = await client.call_tool(
@@ -405,6 +406,9 @@ async def test_every_problem_of_a_call_is_named_in_one_answer() -> None:
                 "strategy": "bad",
                 "replicas": [{"kind": "echo", "base_url": "http://x"}, {"nokind": 1}, "x"],
             },
+        )
+        far = await client.call_tool(
+            "configure_worker", {"kind": "open_ai", "base_url": "http://far.example", "temperature": 9}
         )
     assert [problem.split(":")[0] for problem in error_text(batch).split(": ", 1)[1].split("; ")] == [
         "temperature",
@@ -419,3 +423,4 @@ async def test_every_problem_of_a_call_is_named_in_one_answer() -> None:
         "replicas.1.kind:",
     ):
         assert key in text, text
+    assert "temperature:" in error_text(far) and "base_url: http://far.example is not an origin" in error_text(far)

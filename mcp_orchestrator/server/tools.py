@@ -79,7 +79,7 @@ from mcp_orchestrator.server.params import ParamsDetail
 from mcp_orchestrator.server.progress import Reporter, with_heartbeat, with_progress
 from mcp_orchestrator.server.tasks import TasksExtension
 from mcp_orchestrator.workers.options import CONFIG_ONLY, WorkerOptions
-from mcp_orchestrator.workers.registry import BuildContext, spec_problems, summaries
+from mcp_orchestrator.workers.registry import spec_problems, summaries
 
 if TYPE_CHECKING:
     from mcp_orchestrator.orchestrator import Orchestrator
@@ -476,12 +476,21 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
         API keys come from the server's environment only (never from this tool)."""
     offered = False
 
+    def worker_option_problems(arguments: dict[str, Any]) -> list[Problem]:
+        """Which options the chosen worker kind (and each member's) takes, and where an HTTP
+        kind may connect, checked with the other argument problems."""
+        kind = arguments.get("kind")
+        if not isinstance(kind, str):
+            return []
+        options = {name: value for name, value in arguments.items() if name != "kind"}
+        return spec_problems(kind, options, orchestrator.worker_context(trusted=False))
+
     def offer_configure_worker(offer: bool) -> None:
         """List configure_worker or not: a disabled tool is not shown to the model at all."""
         nonlocal offered
         if offer and not offered:
             tool(
-                _worker_option_problems,
+                worker_option_problems,
                 title="Configure the inference worker",
                 annotations=ToolAnnotations(
                     read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=True
@@ -499,16 +508,6 @@ def build_server(orchestrator: "Orchestrator") -> Surface:
     server.middleware.append(arguments)
     server.middleware.append(ParamsDetail())
     return Surface(server, offer_configure_worker)
-
-
-def _worker_option_problems(arguments: dict[str, Any]) -> list[Problem]:
-    """Which options the chosen worker kind (and each member's) takes, checked with the other
-    argument problems."""
-    kind = arguments.get("kind")
-    if not isinstance(kind, str):
-        return []
-    options = {name: value for name, value in arguments.items() if name != "kind"}
-    return spec_problems(kind, options, BuildContext(trusted=False))
 
 
 def _configure_worker_signature() -> inspect.Signature:

@@ -61,6 +61,9 @@ class BuildContext:
 
 
 Builder = Callable[[WorkerOptions, BuildContext], Worker]
+Check = Callable[[WorkerOptions, BuildContext], list[Problem]]
+"""What building would refuse beyond the options themselves (where an HTTP kind may connect),
+found without building."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ class WorkerKind:
     name: str
     build: Builder
     summary: str
+    check: Check | None = None
 
     @property
     def options(self) -> frozenset[str]:
@@ -145,11 +149,19 @@ def build_members(name: str, tables: list[dict[str, Any]], context: BuildContext
 def spec_problems(kind: str, options: Mapping[str, Any], context: BuildContext) -> list[Problem]:
     """Every problem of `kind`'s options and, for a pool or a fallback chain, of each member's,
     found without building anything (so that one answer to a tool call names them all)."""
+    problems: list[Problem] = []
     try:
-        parse_options(kind, options, context)
-        problems: list[Problem] = []
+        parsed: WorkerOptions | None = parse_options(kind, options, context)
     except WorkerSpecError as exc:
         problems = list(exc.problems)
+        named = {problem.key.split(".")[0] for problem in problems}
+        # The kind's own check still runs on the options that are sound (a bad temperature
+        # does not hide a base_url the operator did not allow), unless it is the URL that is bad.
+        sound = {name: value for name, value in options.items() if name not in named}
+        parsed = None if "kind" in named or "base_url" in named else _parsed_or_none(kind, sound, context)
+    check = _KINDS[kind].check if kind in _KINDS else None
+    if parsed is not None and check is not None:
+        problems += check(parsed, context)
     if context.depth >= MAX_DEPTH:
         return problems
     inner = replace(context, depth=context.depth + 1)
@@ -163,6 +175,13 @@ def spec_problems(kind: str, options: Mapping[str, Any], context: BuildContext) 
             else:
                 problems += [problem.under(position) for problem in spec_problems(member_kind, member_options, inner)]
     return problems
+
+
+def _parsed_or_none(kind: str, options: Mapping[str, Any], context: BuildContext) -> WorkerOptions | None:
+    try:
+        return parse_options(kind, options, context)
+    except WorkerSpecError:
+        return None
 
 
 def _members(name: str, tables: list[Any]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
@@ -211,12 +230,31 @@ class _Provider:
     normalize: Callable[[str], str] = lambda url: url.rstrip("/")
 
 
+def _http_kind(name: str, provider: _Provider, summary: str) -> WorkerKind:
+    def check(options: WorkerOptions, context: BuildContext) -> list[Problem]:
+        try:
+            _base_url(provider, options, context)
+        except WorkerSpecError as exc:
+            return list(exc.problems)
+        return []
+
+    return WorkerKind(name, _http_builder(provider), summary, check)
+
+
+def _base_url(provider: _Provider, options: WorkerOptions, context: BuildContext) -> tuple[str, str | None]:
+    """Where the worker connects, and the provider's URL variable when it is usable.
+    WorkerSpecError when that variable is in use and unusable, or when a tool call's worker
+    would reach an origin the operator did not name."""
+    env_url = _env_url(provider, context, used=options.base_url is None)
+    base_url = provider.normalize(options.base_url or env_url or provider.default_url)
+    if context.origins is not None:
+        _check_reachable(base_url, context)
+    return base_url, env_url
+
+
 def _http_builder(provider: _Provider) -> Builder:
     def build(options: WorkerOptions, context: BuildContext) -> Worker:
-        env_url = _env_url(provider, context, used=options.base_url is None)
-        base_url = provider.normalize(options.base_url or env_url or provider.default_url)
-        if context.origins is not None:
-            _check_reachable(base_url, context)
+        base_url, env_url = _base_url(provider, options, context)
         trusted_hosts = {host_of(provider.default_url), *context.key_hosts}
         if env_url:
             trusted_hosts.add(host_of(env_url))
@@ -321,57 +359,49 @@ def _require(name: str, option: str, builder: Builder) -> Builder:
 
 register(WorkerKind("echo", _build_echo, "returns the prompt word by word; delay_ms simulates latency"))
 register(
-    WorkerKind(
+    _http_kind(
         "open_ai",
-        _http_builder(
-            _Provider(
-                openai.OpenAIWorker,
-                "OPENAI_BASE_URL",
-                openai.DEFAULT_BASE_URL,
-                "OPENAI_API_KEY",
-                frozenset({"api.openai.com"}),
-            )
+        _Provider(
+            openai.OpenAIWorker,
+            "OPENAI_BASE_URL",
+            openai.DEFAULT_BASE_URL,
+            "OPENAI_API_KEY",
+            frozenset({"api.openai.com"}),
         ),
         "OpenAI chat completions (OPENAI_API_KEY; OPENAI_BASE_URL or base_url, default https://api.openai.com/v1)",
     )
 )
 register(
-    WorkerKind(
+    _http_kind(
         "anthropic",
-        _http_builder(
-            _Provider(
-                anthropic.AnthropicWorker,
-                "ANTHROPIC_BASE_URL",
-                anthropic.DEFAULT_BASE_URL,
-                "ANTHROPIC_API_KEY",
-                frozenset({"api.anthropic.com"}),
-            )
+        _Provider(
+            anthropic.AnthropicWorker,
+            "ANTHROPIC_BASE_URL",
+            anthropic.DEFAULT_BASE_URL,
+            "ANTHROPIC_API_KEY",
+            frozenset({"api.anthropic.com"}),
         ),
         "Anthropic Messages API (ANTHROPIC_API_KEY; ANTHROPIC_BASE_URL or base_url, default https://api.anthropic.com)",
     )
 )
 register(
-    WorkerKind(
+    _http_kind(
         "llama_cpp",
-        _http_builder(
-            _Provider(
-                llama_cpp.LlamaCppWorker,
-                "LLAMA_CPP_URL",
-                llama_cpp.DEFAULT_URL,
-                "LLAMA_API_KEY",
-                frozenset(),
-                openai.server_root,
-            )
+        _Provider(
+            llama_cpp.LlamaCppWorker,
+            "LLAMA_CPP_URL",
+            llama_cpp.DEFAULT_URL,
+            "LLAMA_API_KEY",
+            frozenset(),
+            openai.server_root,
         ),
         "llama.cpp llama-server (LLAMA_CPP_URL, default http://localhost:8080)",
     )
 )
 register(
-    WorkerKind(
+    _http_kind(
         "vllm",
-        _http_builder(
-            _Provider(vllm.VllmWorker, "VLLM_URL", vllm.DEFAULT_URL, "VLLM_API_KEY", frozenset(), openai.server_root)
-        ),
+        (_Provider(vllm.VllmWorker, "VLLM_URL", vllm.DEFAULT_URL, "VLLM_API_KEY", frozenset(), openai.server_root)),
         "vLLM OpenAI-compatible server (VLLM_URL, default http://localhost:8000)",
     )
 )
