@@ -13,6 +13,7 @@ is persisted (`--save ""`, no append-only file) and it binds 127.0.0.1 only.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -119,6 +120,18 @@ class RedisServer:
             self._process.kill()
             self._process.wait()
             self._process = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Freeze the server (SIGSTOP) while the block runs: connections stay open and what
+        clients send waits in its socket buffers, to be read and run once it goes on, as on a
+        server stalled mid-command."""
+        assert self._process is not None, "the server is not running"
+        self._process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)
 
     def _launch(self) -> bool:
         with self.log.open("ab") as sink:

@@ -457,6 +457,37 @@ async def test_a_caller_leaving_while_its_join_is_unanswered_gives_the_lock_back
     assert leaving.status().reconciles and other.status().reconciles
 
 
+async def test_a_lock_a_timed_out_join_took_is_given_back_when_redis_answers_again(redis: RedisServer) -> None:
+    """Redis stalled: the join timed out and the request ran on this process alone, but Redis
+    ran the join once it went on and the lock (a minute long here) is this process's. When
+    Redis answers again, the lock is given back, and another process asking for the same
+    answer leads at once instead of following a flight nobody runs."""
+
+    def config(timeout_ms: int) -> Config:
+        section = {"redis_url": redis.url, "key_prefix": "stalled", "timeout_ms": timeout_ms, "lock_ttl_ms": 60_000}
+        return config_from_mapping({"distributed": section})
+
+    async with Orchestrator(config(200)) as stalled, Orchestrator(config(REDIS_TIMEOUT_MS)) as other:
+        client = other.pipeline.sharing.shared.link.client  # type: ignore[union-attr]
+        with anyio.fail_after(WAIT_LIMIT_S):
+            await stalled.infer(Submission(prompt="first"))  # Redis has the scripts (no NOSCRIPT below)
+            while await client.keys("stalled:flight:*"):  # noqa: ASYNC110 - Redis has no event for it
+                await anyio.sleep(0.01)  # "first"'s end has run
+            with redis.paused():
+                alone = await stalled.infer(Submission(prompt="one answer"))
+            degraded = stalled.status().distributed
+            while stalled.status().distributed.state != "ok":  # type: ignore[union-attr]  # noqa: ASYNC110
+                await anyio.sleep(0.05)  # the link's prober finds Redis again (every 0.5 s)
+            while await client.keys("stalled:flight:*"):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            result = await other.infer(Submission(prompt="one answer"))
+        status = other.status().distributed
+    assert alone.text == "one answer" and degraded is not None and degraded.local_fallbacks >= 1
+    assert (result.text, result.coalesced) == ("one answer", False)
+    assert status is not None and (status.flights_led, status.flights_followed) == (1, 0)
+    assert stalled.status().reconciles and other.status().reconciles
+
+
 async def _subscribed(*states: SharedState) -> None:
     """Wait for each state's events subscription: one made later wakes every follower ("released")."""
     await wait_for(lambda: all(state.events.connected for state in states))

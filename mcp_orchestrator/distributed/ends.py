@@ -142,6 +142,10 @@ class FlightEnds:
         if flight.ending is not None:
             self._urgent.set()
 
+    def busy(self, key: str) -> bool:
+        """Whether this process is joining, leading or ending a flight of `key` right now."""
+        return key in self._flights
+
     def followed(self, key: str) -> bool:
         """Whether another process follows our flight of `key` (as far as the notices told)."""
         flight = self._flights.get(key)

@@ -19,7 +19,9 @@ its join cannot be missed; if the message never comes (the leader died, or the
 subscription was down), the follower joins again when the lock would have expired: then
 the lock is gone and one follower takes it over. Nobody waits past its own deadline: the caller's cancel scope bounds it.
 A caller that leaves while its join is on the wire waits for the reply (within the link's
-timeout): a lock the join took is then released at once, not left to expire.
+timeout): a lock the join took is then released at once, not left to expire. A join whose
+reply never came (a timeout) may still have run: when Redis answers again, this process gives
+back any such lock that is still its own.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ return 0
 """KEYS: lock. ARGV: owner, ttl ms. Extends the lock only while we still hold it."""
 
 Verdict = Literal["hit", "lead", "follow", "alone"]
+MAX_UNSURE = 10_000
+"""Keys remembered from joins that got no reply (past it, their locks just expire)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,8 @@ class Flights:
         """Flights this process led after the previous leader's lock expired."""
         self.ends = FlightEnds(link, keys, owner)
         """When the flights this process leads end in Redis (ends.py)."""
+        self._unsure: set[str] = set()
+        """Keys whose join got no reply (a timeout): Redis may still have run it and taken the lock."""
 
     async def join(self, key: str, *, look: bool, share: bool) -> Joined:
         """Cached answer, lock, or the lock's holder (see the module docstring). RedisUnavailable."""
@@ -124,12 +130,17 @@ class Flights:
         if share:  # it may lead: our own end of the key goes first, and a notice may come before the reply
             await self.ends.joining(key)
         verdict = ""
+        sent = self._link.healthy  # else the link refuses at once and nothing reaches Redis
         try:
             # Shielded (the link's timeout bounds it): once written, the script runs even if our
             # caller leaves, and only its reply says whether it took a lock we must give back.
             with anyio.CancelScope(shield=True):
                 reply, detail = await self._link.script(self._join, names, args)
             verdict = _text(reply)
+        except RedisUnavailable:
+            if share and sent and len(self._unsure) < MAX_UNSURE:
+                self._unsure.add(key)  # Redis may have run it late: the lock may be ours (release_unsure)
+            raise
         finally:
             if share:
                 self.ends.joined(key, leads=verdict == "lead")
@@ -164,6 +175,16 @@ class Flights:
         for watch in tuple(watchers):
             watch.deliver(outcome)
 
+    def release_unsure(self) -> None:
+        """Redis answers again: give back the locks our unanswered joins may have taken, so that
+        other processes do not follow a flight nobody runs until the lock expires. The end drops
+        a lock only if it is ours (and tells its followers, who join again); a key this process
+        is joining or leading again is left alone (its own end will come)."""
+        unsure, self._unsure = self._unsure, set()
+        for key in unsure:
+            if not self.ends.busy(key):
+                self.ends.end(key, _released)
+
     def wake_all(self) -> None:
         """The subscription was re-established: messages may have been lost, so every follower
         joins again at once instead of at its lock's expiry."""
@@ -182,6 +203,10 @@ class Flights:
             return bool(await self._link.call(run))
         except RedisUnavailable:
             return False
+
+
+def _released() -> tuple[Outcome, None]:
+    return Outcome("released"), None
 
 
 def _text(value: Any) -> str:

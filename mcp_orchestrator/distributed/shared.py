@@ -120,6 +120,7 @@ class SharedState:
         """Redis answers again (perhaps restarted empty): catch up whether or not the
         subscription broke meanwhile (a notice published while we were cut off is lost)."""
         self.dead_letters.restarted()
+        self.flights.release_unsure()
         self.soon(self._catch_up)
 
     async def _catch_up(self) -> None:
