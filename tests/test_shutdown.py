@@ -169,6 +169,25 @@ def test_stdio_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(tmp_path
     assert "finished" in stderr_path.read_text(encoding="utf-8")
 
 
+def test_stdio_a_call_cancelled_by_its_id_as_text_is_not_waited_for(tmp_path: Path) -> None:
+    """The SDK cancels request 10 on a notice naming "10" (it is never answered): the drain
+    waited for it through the whole grace."""
+    stderr_path = tmp_path / "stderr.log"
+    config = config_file(tmp_path, SLOW_CHUNK_MS, LONG_GRACE_S)
+    with raw_stdio("--config", str(config), stderr_path=stderr_path) as raw:
+        (first, *others) = start_stdio_calls(raw)
+        for message_id in [first, *others]:
+            raw.send(jsonrpc(None, "notifications/cancelled", {"requestId": str(message_id)}))
+        raw.send(jsonrpc(CALLS + 1, "ping"))
+        raw.read_until_response(CALLS + 1)  # read after the notices: they were seen
+        raw.process.send_signal(signal.SIGTERM)
+        answers = stdio_answers(raw, [])
+        code = raw.process.wait(timeout=STOP_TIMEOUT_S)
+    stderr = stderr_path.read_text(encoding="utf-8")
+    assert code == 0 and answers == {}  # cancelled calls are not answered
+    assert "draining 0 in-flight request(s)" in stderr, stderr
+
+
 def test_stdio_sigterm_past_the_grace_answers_every_call_with_an_error(tmp_path: Path) -> None:
     stderr_path = tmp_path / "stderr.log"
     config = config_file(tmp_path, SLOW_CHUNK_MS, SHORT_GRACE_S)

@@ -205,6 +205,12 @@ class StdioEdge:
         return Requests(read_stream, in_flight), Answers(write_stream, in_flight)
 
 
+def call_key(request_id: int | str) -> str:
+    """A request's key in `in_flight`: its id as text, because a client may cancel request 10
+    as "10", and the SDK cancels it (the call is then never answered and must leave)."""
+    return str(request_id)
+
+
 async def read_when_ready(fd: int, size: int) -> bytes:
     try:
         await anyio.wait_readable(fd)
@@ -235,11 +241,11 @@ class Requests:
 
     def _note(self, message: Any) -> None:
         if isinstance(message, JSONRPCRequest):
-            self._in_flight.enter(message.id)
+            self._in_flight.enter(call_key(message.id))
         elif isinstance(message, JSONRPCNotification) and message.method == CANCELLED:
             request_id = (message.params or {}).get("requestId")
             if isinstance(request_id, int | str):
-                self._in_flight.leave(request_id)
+                self._in_flight.leave(call_key(request_id))
 
     async def aclose(self) -> None:
         await self._inner.aclose()
@@ -274,7 +280,7 @@ class Answers:
             await self._inner.send(item)
         finally:  # sent, or the session is over: nobody is waiting for it any more
             if isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
-                self._in_flight.leave(message.id)
+                self._in_flight.leave(call_key(message.id))
 
     async def aclose(self) -> None:
         await self._inner.aclose()
