@@ -121,6 +121,25 @@ def test_only_lone_surrogates_are_replaced() -> None:
     assert raw.encode("utf-8") and raw.startswith("x") and raw.endswith("y")
     with pytest.raises(ValueError):
         backend_json("{not json")
+    with pytest.raises(ValueError):  # RecursionError escaped as a worker error with a huge traceback
+        backend_json("[" * 5000 + "]" * 5000)
+    with pytest.raises(ValueError):
+        backend_json("[" * 900 + '"\\ud800"' + "]" * 900)
+
+
+def test_message_content_is_its_text_parts_or_a_malformed_response() -> None:
+    """Content given as parts was shown as Python's repr of the list, reasoning parts included."""
+
+    def answer(content: Any) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "message": {"content": content}, "finish_reason": "stop"}]}
+
+    parts = [{"type": "reasoning", "text": "secret thoughts"}, {"type": "text", "text": "hello"}, {"type": "text"}]
+    assert completion_chunk(ENDPOINT, answer(parts)).text == "hello"
+    assert completion_chunk(ENDPOINT, answer(None)).text == ""
+    for content in ({"k": "v"}, 12345, ["text"]):
+        with pytest.raises(WorkerError) as caught:
+            completion_chunk(ENDPOINT, answer(content))
+        assert "the message content is neither text nor a list of parts" in str(caught.value)
 
 
 def _events(*payloads: Any) -> httpx2.AsyncClient:

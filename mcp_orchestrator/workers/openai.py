@@ -139,10 +139,22 @@ def completion_chunk(endpoint: Endpoint, answer: Any) -> Chunk:
     choices = _choices(endpoint, answer)
     if not choices or not isinstance(choices[0].get("message"), dict):
         raise taxonomy.malformed(endpoint.backend, "no choices[0].message in the completion", str(answer))
-    text = choices[0]["message"].get("content") or ""
+    text = _content_text(endpoint, choices[0]["message"].get("content"), answer)
     usage = _usage(endpoint, answer["usage"]) if answer.get("usage") else None
     finish = finish_reason(endpoint.backend, choices[0].get("finish_reason"), answer)
-    return Chunk(str(text), usage, finish)
+    return Chunk(text, usage, finish)
+
+
+def _content_text(endpoint: Endpoint, content: Any, answer: Any) -> str:
+    """A message's text: the string, or the text parts of a list of content parts (others, such
+    as a reasoning part, are not the answer). Anything else is malformed, not text to show."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        return "".join(
+            part["text"] for part in content if part.get("type") == "text" and isinstance(part.get("text"), str)
+        )
+    raise taxonomy.malformed(endpoint.backend, "the message content is neither text nor a list of parts", str(answer))
 
 
 def _choices(endpoint: Endpoint, data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -28,12 +28,16 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def backend_json(raw: str | bytes) -> Any:
-    """json.loads (ValueError as it raises), with every lone surrogate in a string replaced.
+    """json.loads (ValueError as it raises, and for nesting too deep to read), with every lone
+    surrogate in a string replaced.
     Bytes are decoded here, invalid UTF-8 replaced: json.loads would let a surrogate's raw bytes
     through as a surrogate."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    data = json.loads(text)
-    return _without_surrogates(data) if _SURROGATE_ESCAPE.search(text) else data
+    try:
+        data = json.loads(text)
+        return _without_surrogates(data) if _SURROGATE_ESCAPE.search(text) else data
+    except RecursionError:  # nested deeper than Python goes: unreadable like any other bad JSON
+        raise ValueError("nested too deep") from None
 
 
 def _without_surrogates(value: Any) -> Any:
