@@ -31,7 +31,7 @@ from mcp_orchestrator.event_loop import EventLoop, uvloop_missing
 from mcp_orchestrator.models import MaxTokens, Temperature
 from mcp_orchestrator.resilience.breaker import BreakerSettings
 from mcp_orchestrator.resilience.retry import RetryPolicy
-from mcp_orchestrator.security import OriginRule
+from mcp_orchestrator.security import OriginRule, redact_text
 from mcp_orchestrator.workers.options import HttpSettings, WorkerOptions
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -313,6 +313,16 @@ def _check_redis_url(value: str) -> None:
         raise ValueError("must start with redis://, rediss:// or unix://")
     if not value.startswith("unix://"):
         check_url(value, schemes=("redis", "rediss"), example="redis://127.0.0.1:6379/0", credentials=True)
+    # Its query options too, as redis-py reads them (imported only when sharing is configured):
+    # a bad one (?socket_timeout=abc) would otherwise stop the start with a traceback.
+    from redis.asyncio import BlockingConnectionPool
+    from redis.exceptions import RedisError
+
+    try:
+        pool = BlockingConnectionPool.from_url(value)
+        pool.connection_class(**pool.connection_kwargs)  # builds a connection, does not connect
+    except (ValueError, TypeError, RedisError) as exc:
+        raise ValueError(f"redis-py cannot use it: {redact_text(str(exc))}") from None
 
 
 class TasksSection(_Section):

@@ -170,6 +170,11 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
         ["stages.inference.concurrency", "less than or equal to 10000"],
     ),
     (
+        "redis-url-option",
+        ["[distributed]", 'redis_url = "redis://127.0.0.1:6379/0?socket_timeout=abc"'],
+        ["distributed.redis_url", "redis-py cannot use it: Invalid value for 'socket_timeout'"],
+    ),
+    (
         "redis-url-port",
         ["[distributed]", 'redis_url = "redis://u:pw@127.0.0.1:notaport/0"'],
         ["distributed.redis_url", "is not a URL a client can use"],
