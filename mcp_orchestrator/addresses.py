@@ -41,11 +41,26 @@ def check_url(value: str, *, schemes: tuple[str, ...], example: str, credentials
     allowed = " or ".join(f"{scheme}://" for scheme in schemes)
     if parts.scheme not in schemes or not parts.hostname:
         raise ValueError(f"must be a URL with a host, starting with {allowed}, e.g. {example}")
+    if not _usable_host(parts.hostname):
+        raise ValueError(
+            f"has a host a client cannot use (letters, digits, '-' and '_' between dots, an IP address, or an "
+            f"international name written as xn--...), e.g. {example}"
+        )
     if port == 0:
         raise ValueError(f"port 0 cannot be connected to (a port is a number from 1 to 65535), e.g. {example}")
     if not credentials and "@" in parts.netloc:
         raise ValueError("must not carry a user name or password (user:password@): put secrets in the environment")
     return parts
+
+
+def _usable_host(host: str) -> bool:
+    """An IP address, or a name of ASCII labels (httpx refuses what IDNA cannot encode, but only
+    at the first request)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return all(_LABEL.fullmatch(label) for label in host.removesuffix(".").split("."))
+    return True
 
 
 def check_oauth_url(url: str, *, https_only: bool) -> None:
@@ -96,8 +111,10 @@ def _header_value(pattern: re.Pattern[str], value: str) -> bool:
 
 def bind_host(value: str) -> str:
     """An address to listen on: an IP address (IPv6 without brackets) or a host name."""
+    address, _, scope = value.partition("%")
     try:
-        ipaddress.ip_address(value.split("%")[0])  # an IPv6 scope (fe80::1%eth0) is the socket's to check
+        if ipaddress.ip_address(address).version == 4 and scope:
+            raise ValueError("a scope (%...) is for IPv6 addresses only")
     except ValueError:
         labels = value.removesuffix(".").split(".")
         if not value or not all(_LABEL.fullmatch(label) for label in labels):

@@ -129,6 +129,18 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
             ("ipv6", "http://[::1"),
         ]
     ),
+    *(
+        (
+            f"base-url-host-{name}",
+            ["[stages.inference]", 'worker = "llama_cpp"', f"base_url = {json.dumps(url)}"],
+            ["stages.inference.base_url", "has a host a client cannot use"],
+        )
+        for name, url in [
+            ("snowman", "http://ex\u2603.com"),
+            ("empty-label", "http://a..b:80"),
+            ("space", "http://a b:80"),
+        ]
+    ),
     (
         "base-url-credentials",
         ["[stages.inference]", 'worker = "llama_cpp"', 'base_url = "http://me:pw@127.0.0.1:8080"'],
@@ -152,7 +164,7 @@ BAD_FILES: list[tuple[str, list[str], list[str]]] = [
     ),
     *(
         (f"bind-host-{name}", ["[server]", f"host = {json.dumps(host)}"], ["server.host", "IPv6 without brackets"])
-        for name, host in [("empty", ""), ("brackets", "[::]"), ("empty-label", "a..b")]
+        for name, host in [("empty", ""), ("brackets", "[::]"), ("empty-label", "a..b"), ("ipv4-scope", "127.0.0.1%lo")]
     ),
     (
         "http-timeout-inf",
