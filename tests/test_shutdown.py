@@ -266,10 +266,16 @@ ODD_BODIES = [b'{"jsonrpc":"2.0","id":1,"method":["tools/list"]}', b"[" * 100_00
 def refused_after_signal(server: HttpServer) -> bool:
     """Requests from outside the sessions once the drain began: refused (503, or no connection)."""
     headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    # A made-up session header does not make a request a session's: 2026-07-28 has no sessions,
+    # and /healthz has none either (a load balancer sending one must still see 503).
+    made_up = {"Mcp-Session-Id": "made-up", "MCP-Protocol-Version": "2026-07-28"}
+    call = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"pipeline_status","arguments":{}}}'
     try:
         with httpx2.Client(timeout=5.0) as http:
             statuses = [http.get(f"{server.base_url}/healthz").status_code]
             statuses += [http.post(server.mcp_url, content=body, headers=headers).status_code for body in ODD_BODIES]
+            statuses.append(http.get(f"{server.base_url}/healthz", headers=made_up).status_code)
+            statuses.append(http.post(server.mcp_url, content=call, headers={**headers, **made_up}).status_code)
     except httpx2.TransportError:
         return True
     assert statuses == [503] * len(statuses), statuses

@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_orchestrator.server.bodies import read_body, replaying
-from mcp_orchestrator.server.sessions import SESSION_HEADER, header
+from mcp_orchestrator.server.sessions import SESSION_HEADER, header, is_legacy
 from mcp_orchestrator.shutdown import InFlight, Shutdown
 
 T = TypeVar("T")
@@ -115,7 +115,7 @@ class DrainGate:
         if scope["type"] != "http":  # the lifespan: the session manager starts and stops with the server
             await self.app(scope, receive, send)
             return
-        if self._shutdown.stopping and not in_session(scope):
+        if self._shutdown.stopping and not in_session(scope, self._path):
             served = await self._workless(scope, receive)
             if served is None:
                 await REFUSAL(scope, receive, send)
@@ -173,9 +173,11 @@ class DrainGate:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def in_session(scope: Scope) -> bool:
-    """Whether the request belongs to an MCP session (it names one; the SDK checks it is open)."""
-    return header(scope, SESSION_HEADER) is not None
+def in_session(scope: Scope, path: str) -> bool:
+    """Whether the request belongs to an MCP session: a request to the MCP endpoint, of a
+    protocol that has sessions, naming one (the SDK answers 404 when it is not open). A
+    2026-07-28 request, or one to another path, is sessionless whatever header it carries."""
+    return scope["path"] == path and is_legacy(scope) and header(scope, SESSION_HEADER) is not None
 
 
 # ---------------------------------------------------------------------------- stdio
