@@ -103,6 +103,8 @@ class DrainReport:
             outcome = (
                 f"grace over: cancelled {self.cancelled} request(s) still running, each caller answered with an error"
             )
+        elif self.unanswered:
+            outcome = "grace over"
         elif self.in_flight:
             outcome = f"all {self.in_flight} in-flight request(s) finished"
         else:

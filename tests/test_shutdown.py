@@ -23,7 +23,7 @@ import pytest
 from mcp import Client
 from mcp.types import CallToolResult, TextContent
 
-from mcp_orchestrator.shutdown import Shutdown
+from mcp_orchestrator.shutdown import DrainReport, Shutdown
 from tests.conftest import error_text, make_config, running, totals_of, wait_for
 from tests.support_processes import (
     STOP_TIMEOUT_S,
@@ -321,3 +321,10 @@ async def test_http_sigterm_past_the_grace_answers_every_call_with_an_error(tmp_
     assert f"draining {CALLS} in-flight request(s)" in stderr
     assert f"cancelled {CALLS}" in stderr
     assert "transport write blocked" not in stderr
+
+
+def test_the_drain_summary_never_says_all_finished_when_a_call_went_unanswered() -> None:
+    assert DrainReport(1, 0, 1, 9.0).summary() == (
+        "shutdown: grace over after 9.00 s; 1 call(s) still unanswered are dropped; exiting"
+    )
+    assert DrainReport(2, 0, 0, 1.0).summary() == "shutdown: all 2 in-flight request(s) finished after 1.00 s; exiting"
