@@ -11,8 +11,10 @@ Every wait has a deadline; nothing is timed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -321,6 +323,28 @@ async def test_http_sigterm_past_the_grace_answers_every_call_with_an_error(tmp_
     assert f"draining {CALLS} in-flight request(s)" in stderr
     assert f"cancelled {CALLS}" in stderr
     assert "transport write blocked" not in stderr
+
+
+def test_a_body_still_arriving_does_not_hold_the_drain(tmp_path: Path) -> None:
+    """A client sending its POST body byte by byte owes no answer yet: the drain does not wait
+    the grace for it, and once drained its request is cut short without an ERROR."""
+    config = config_file(tmp_path, FAST_CHUNK_MS, LONG_GRACE_S)
+    with http_server("--config", str(config), workdir=tmp_path) as server:
+        head = (
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+            "Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(head.encode() + b'{"jsonrpc":')
+            server.process.send_signal(signal.SIGTERM)
+            wait_for_text(server.stderr_path, "draining")
+            with contextlib.suppress(OSError):  # the server may close it first
+                sock.sendall(b'"2.0",')
+            code = wait_for_exit(server.process)
+        stderr = server.stderr()
+    assert code == 0
+    assert "draining 0 in-flight request(s)" in stderr, stderr
+    assert "ERROR" not in stderr and "Traceback" not in stderr, stderr
 
 
 def test_the_drain_summary_never_says_all_finished_when_a_call_went_unanswered() -> None:

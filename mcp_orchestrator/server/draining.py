@@ -2,8 +2,9 @@
 each transport stops taking work without cutting an answer.
 
 HTTP (`DrainGate`, the outermost ASGI middleware): a request other than a GET is in flight
-from its arrival until its response is complete (for a tool call, the SSE stream that
-carries its answer). Once the drain begins, a request that belongs to no open MCP session
+from the end of its body until its response is complete (for a tool call, the SSE stream that
+carries its answer); a body still arriving owes no answer yet, and once drained it is cut
+short with a 503. Once the drain begins, a request that belongs to no open MCP session
 (a new client, a 2026-style sessionless POST, /healthz, /metrics) is answered 503, except a
 sessionless `tools/list` or `ping`, which start no work; requests of open sessions are still
 served. A client may need one (a tools/list to check a result against the tool's output
@@ -124,12 +125,52 @@ class DrainGate:
         if scope["method"] == "GET":
             await self._stream(scope, receive, send)
             return
+        await self._counted(scope, receive, send)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request is in flight from the end of its body (or its response's start, if that
+        comes first) to the end of its response: a body still arriving owes no answer yet, so
+        a client sending one slowly does not hold the drain. Once drained, such a body is cut
+        short (its client is told it left) instead of keeping the server up."""
+        in_flight, drained = self._shutdown.in_flight, self._shutdown.drained
         key = object()
-        self._shutdown.in_flight.enter(key)
+        counted = cut = started = False
+
+        def count() -> None:
+            nonlocal counted
+            if not counted:
+                counted = True
+                in_flight.enter(key)
+
+        async def body_then_watch() -> Message:
+            nonlocal cut
+            if counted:
+                return await receive()
+            if self._shutdown.stopping:  # only then: first_of costs a task per read
+                message = await first_of(drained, receive)
+                if message is None:
+                    cut = True
+                    return DISCONNECT
+            else:
+                message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                count()
+            return message
+
+        async def answering(message: Message) -> None:
+            nonlocal started
+            count()
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, body_then_watch, answering)
+            if cut and not started:  # the app saw its client leave; the client is still there
+                with suppress(OSError):
+                    await REFUSAL(scope, receive, send)
         finally:
-            self._shutdown.in_flight.leave(key)
+            if counted:
+                in_flight.leave(key)
 
     async def _workless(self, scope: Scope, receive: Receive) -> Receive | None:
         """For a sessionless POST of one SERVED_WHILE_DRAINING message: a `receive` that replays
