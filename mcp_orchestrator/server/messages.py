@@ -10,12 +10,13 @@ stdio reader (stdio.py) and the HTTP guard (http.py).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
 import mcp_types as types
 from pydantic import ValidationError
+
+from mcp_orchestrator.workers.replies import LONE_SURROGATE, SURROGATE_ESCAPE
 
 MAX_NESTING: Final = 128
 """Deepest nesting of arrays and objects in a message (the message itself is level 1). The
@@ -27,10 +28,8 @@ INVALID_PARAMS: Final = types.INVALID_PARAMS
 TITLES: Final = {PARSE_ERROR: "Parse error", INVALID_REQUEST: "Invalid Request", INVALID_PARAMS: "Invalid params"}
 TOO_DEEP: Final = f"nesting deeper than {MAX_NESTING} levels"
 
-# A lone surrogate can only come from a \uD800-\uDFFF escape: the UTF-8 decoder turns encoded
-# surrogates into U+FFFD. Lines without such an escape skip the walk that looks for them.
-SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89a-fA-F]")
-LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+# A lone surrogate can only come from a \uD800-\uDFFF escape (the patterns' docstring in
+# workers/replies.py): lines without such an escape skip the walk that looks for them.
 
 RequestId = int | str
 

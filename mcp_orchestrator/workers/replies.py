@@ -22,9 +22,11 @@ MAX_TOKEN_COUNT = 10**9
 MAX_FINISH_REASON_CHARS = 64
 """Providers' reasons are single words ("stop", "length", "end_turn", "tool_calls")."""
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# What a surrogate looks like escaped in JSON text: only then can json.loads return one.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""What a surrogate looks like escaped in JSON text: only then can json.loads return a lone one
+(a UTF-8 decoder turns encoded surrogates into U+FFFD), so text without it skips the walk. The
+JSON-RPC check of incoming messages (server/messages.py) goes by the same two patterns."""
 
 
 def backend_json(raw: str | bytes) -> Any:
@@ -35,14 +37,14 @@ def backend_json(raw: str | bytes) -> Any:
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         data = json.loads(text)
-        return _without_surrogates(data) if _SURROGATE_ESCAPE.search(text) else data
+        return _without_surrogates(data) if SURROGATE_ESCAPE.search(text) else data
     except RecursionError:  # nested deeper than Python goes: unreadable like any other bad JSON
         raise ValueError("nested too deep") from None
 
 
 def _without_surrogates(value: Any) -> Any:
     if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value)
+        return LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {_without_surrogates(key): _without_surrogates(item) for key, item in value.items()}
     if isinstance(value, list):
