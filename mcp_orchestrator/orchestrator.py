@@ -35,8 +35,8 @@ from mcp_orchestrator.resilience.retry import Clock
 from mcp_orchestrator.security import Origin, OriginRule
 from mcp_orchestrator.workers.base import Worker
 from mcp_orchestrator.workers.keys import host_of
-from mcp_orchestrator.workers.options import OPTION_NAMES, PARAMETER_OPTIONS, unused_parameters
-from mcp_orchestrator.workers.registry import BuildContext, build_worker
+from mcp_orchestrator.workers.options import OPTION_NAMES, PARAMETER_OPTIONS
+from mcp_orchestrator.workers.registry import BuildContext, build_worker, unused_parameters
 from mcp_orchestrator.workers.transport import BackgroundReads, new_client
 
 log = logging.getLogger(__name__)

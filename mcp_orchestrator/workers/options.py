@@ -100,31 +100,6 @@ KIND_OPTIONS: dict[str, frozenset[str]] = {
 """The options each kind takes (a kind's spec is WorkerOptions cut down to these)."""
 
 
-def leaf_kinds(kind: str, options: dict[str, Any]) -> set[str]:
-    """The kinds that call a backend in the worker `kind` with `options` describes (a pool's
-    replicas, a fallback chain's members, however nested). Tables without a kind are skipped:
-    building the worker reports them."""
-    tables = options.get("replicas") or options.get("members") or []
-    if kind not in ("pool", "fallback"):
-        return {kind}
-    found: set[str] = set()
-    for table in tables:
-        if isinstance(table, dict) and isinstance(table.get("kind"), str):
-            found |= leaf_kinds(table["kind"], table)
-    return found
-
-
-def unused_parameters(kind: str, options: dict[str, Any], given: set[str]) -> dict[str, set[str]]:
-    """Which of the parameter defaults `given` no backend of this worker uses (echo uses only
-    max_tokens; anthropic has no seed), each with the kinds it reaches."""
-    kinds = leaf_kinds(kind, options)
-    return {
-        name: kinds
-        for name in sorted(given & PARAMETER_OPTIONS)
-        if kinds and not any(name in KIND_OPTIONS.get(leaf, frozenset()) for leaf in kinds)
-    }
-
-
 class HttpSettings(BaseModel):
     """The HTTP client all HTTP workers share ([stages.inference.http]): timeouts in seconds, connection limits."""
 

@@ -27,10 +27,12 @@ from mcp_orchestrator.workers.echo import EchoWorker
 from mcp_orchestrator.workers.fallback import FallbackWorker
 from mcp_orchestrator.workers.http_worker import HttpWorker
 from mcp_orchestrator.workers.keys import host_of, resolve_key
-from mcp_orchestrator.workers.options import CONFIG_ONLY, KIND_OPTIONS, HttpSettings, WorkerOptions
+from mcp_orchestrator.workers.options import CONFIG_ONLY, KIND_OPTIONS, PARAMETER_OPTIONS, HttpSettings, WorkerOptions
 from mcp_orchestrator.workers.pool import PoolWorker
 from mcp_orchestrator.workers.transport import BackgroundReads
 
+MEMBER_LISTS = frozenset({"replicas", "members"})
+"""The options that hold a composite's member tables."""
 MAX_DEPTH = 3
 """Composites may nest (a pool of fallback chains), this deep at most."""
 
@@ -165,16 +167,37 @@ def spec_problems(kind: str, options: Mapping[str, Any], context: BuildContext) 
     if context.depth >= MAX_DEPTH:
         return problems
     inner = replace(context, depth=context.depth + 1)
-    for name in ("replicas", "members"):
-        tables = options.get(name)
-        if name not in KIND_OPTIONS.get(kind, frozenset()) or not isinstance(tables, list):
-            continue
-        for position, member_kind, member_options in _members(name, tables):
-            if member_kind is None:
-                problems.append(_no_kind(position))
-            else:
-                problems += [problem.under(position) for problem in spec_problems(member_kind, member_options, inner)]
+    for position, member_kind, member_options in _members_of(kind, options):
+        if member_kind is None:
+            problems.append(_no_kind(position))
+        else:
+            problems += [problem.under(position) for problem in spec_problems(member_kind, member_options, inner)]
     return problems
+
+
+def leaf_kinds(kind: str, options: Mapping[str, Any]) -> set[str]:
+    """The kinds that call a backend in the worker `kind` with `options` describes (a pool's
+    replicas, a fallback chain's members, however nested). Tables without a kind are skipped:
+    building the worker reports them."""
+    if not MEMBER_LISTS & KIND_OPTIONS.get(kind, frozenset()):
+        return {kind}
+    return {
+        leaf
+        for _, member_kind, member_options in _members_of(kind, options)
+        if member_kind is not None
+        for leaf in leaf_kinds(member_kind, member_options)
+    }
+
+
+def unused_parameters(kind: str, options: Mapping[str, Any], given: set[str]) -> dict[str, set[str]]:
+    """Which of the parameter defaults `given` no backend of this worker uses (echo uses only
+    max_tokens; anthropic has no seed), each with the kinds it reaches."""
+    kinds = leaf_kinds(kind, options)
+    return {
+        name: kinds
+        for name in sorted(given & PARAMETER_OPTIONS)
+        if kinds and not any(name in KIND_OPTIONS.get(leaf, frozenset()) for leaf in kinds)
+    }
 
 
 def _parsed_or_none(kind: str, options: Mapping[str, Any], context: BuildContext) -> WorkerOptions | None:
@@ -182,6 +205,14 @@ def _parsed_or_none(kind: str, options: Mapping[str, Any], context: BuildContext
         return parse_options(kind, options, context)
     except WorkerSpecError:
         return None
+
+
+def _members_of(kind: str, options: Mapping[str, Any]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
+    """_members of each member list `kind` takes (a pool's replicas, a fallback chain's members)."""
+    for name in sorted(MEMBER_LISTS & KIND_OPTIONS.get(kind, frozenset())):
+        tables = options.get(name)
+        if isinstance(tables, list):
+            yield from _members(name, tables)
 
 
 def _members(name: str, tables: list[Any]) -> Iterator[tuple[str, str | None, dict[str, Any]]]:
